@@ -1,0 +1,145 @@
+"""Checkpoint safety (seed 002): validate every checkpoint, resume only from a valid one, never
+clobber another run's output directory.
+
+The Trainer writes a checkpoint in place (weights, optimizer, scheduler, RNG, then
+trainer_state.json) and rotates old ones right after. `CheckpointValidator` checks each new
+checkpoint and only then drops a `checkpoint_ok.json` marker in it; `last_valid_checkpoint`
+ignores any checkpoint without the marker, so one half-written when the process was killed is
+never picked for resume. The recipes default to save_total_limit=None (keep every checkpoint),
+the policy seed 002 arrived at after save_total_limit=3 left it with only its first checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+MARKER = "checkpoint_ok.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "adapter_model.bin")
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+
+
+class OutputDirError(RuntimeError):
+    pass
+
+
+def checkpoint_problems(path: Path, needs_optimizer: bool = True) -> list[str]:
+    """Empty list when the checkpoint at `path` is complete and readable."""
+    problems = []
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        m = _STEP.match(path.name)
+        if m and state.get("global_step") != int(m.group(1)):
+            problems.append(f"trainer_state.json says step {state.get('global_step')}, folder says {m.group(1)}")
+    except (OSError, ValueError) as e:
+        problems.append(f"trainer_state.json unreadable ({e.__class__.__name__})")
+    weights = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not weights:
+        problems.append(f"no weights file (one of {', '.join(WEIGHT_FILES)})")
+    for w in weights:
+        if w.stat().st_size == 0:
+            problems.append(f"{w.name} is empty")
+        elif w.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(w), framework="pt") as f:
+                    if not list(f.keys()):
+                        problems.append(f"{w.name} holds no tensors")
+            except Exception as e:  # a truncated file raises a library-specific error
+                problems.append(f"{w.name} unreadable ({e.__class__.__name__}: {e})")
+    if needs_optimizer:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            f = path / name
+            if not f.is_file() or f.stat().st_size == 0:
+                problems.append(f"{name} missing or empty")
+    return problems
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and _STEP.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))
+
+
+def last_valid_checkpoint(output_dir: Path) -> Path | None:
+    for path in reversed(checkpoints(output_dir)):
+        if not (path / MARKER).is_file():
+            log.warning("skipping %s: it was never validated (probably half-written when the run stopped)", path)
+            continue
+        problems = checkpoint_problems(path)
+        if problems:
+            log.warning("skipping %s: %s", path, "; ".join(problems))
+            continue
+        return path
+    return None
+
+
+class CheckpointValidator(TrainerCallback):
+    """After each save: check the new checkpoint, mark it valid, log what it holds; stop on a bad one."""
+
+    def __init__(self, needs_optimizer: bool = True):
+        self.needs_optimizer = needs_optimizer
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not path.is_dir():
+            return
+        problems = checkpoint_problems(path, self.needs_optimizer)
+        if problems:
+            control.should_training_stop = True
+            raise RuntimeError(f"checkpoint {path} failed validation: {'; '.join(problems)}. Training stopped so a "
+                               "bad checkpoint does not replace good ones; check free disk space and permissions")
+        sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+        (path / MARKER).write_text(json.dumps({"step": state.global_step, "files": sizes}, indent=2))
+        log.info("checkpoint %s validated (%d files, %.1f MB)", path.name, len(sizes), sum(sizes.values()) / 1e6)
+
+
+RESUMABLE_KEYS_MAY_CHANGE = {"output_dir", "max_steps", "num_train_epochs", "report_to", "logging_steps",
+                             "save_steps", "resume"}
+
+
+def prepare_output_dir(output_dir: Path, config: dict, resume: bool = True) -> Path | None:
+    """Create or reuse `output_dir` safely; return the checkpoint to resume from (or None).
+
+    - missing or empty: created, fresh run.
+    - holds a finished run (metrics.json): refused, nothing is touched.
+    - holds an unfinished run of the same config: resumed from its last valid checkpoint.
+    - holds an unfinished run of another config, or files that are not a run: refused.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return None
+    if (output_dir / "metrics.json").is_file():
+        raise OutputDirError(f"--output_dir {output_dir} already holds a finished run (metrics.json). Choose a new "
+                             "--output_dir; nothing in it was changed")
+    manifest_file = output_dir / "manifest.json"
+    if not manifest_file.is_file():
+        raise OutputDirError(f"--output_dir {output_dir} is not empty and holds no run manifest.json; refusing to "
+                             "write into it. Choose a new or empty --output_dir")
+    try:
+        previous = json.loads(manifest_file.read_text()).get("config", {})
+    except ValueError:
+        raise OutputDirError(f"{manifest_file} is unreadable; choose a new --output_dir") from None
+    changed = sorted(k for k in set(previous) | set(config)
+                     if k not in RESUMABLE_KEYS_MAY_CHANGE and previous.get(k) != config.get(k))
+    if changed:
+        raise OutputDirError(f"--output_dir {output_dir} holds an unfinished run with a different config "
+                             f"({', '.join(changed)} differ); resuming would mix two runs. Choose a new "
+                             "--output_dir, or rerun with the same options to resume it")
+    if not resume:
+        raise OutputDirError(f"--output_dir {output_dir} holds an unfinished run and --resume is false; choose a "
+                             "new --output_dir")
+    found = last_valid_checkpoint(output_dir)
+    if found:
+        log.info("resuming from %s", found)
+    return found

@@ -1,0 +1,93 @@
+"""Recipe options: one dataclass per recipe, defaults from YAML, overrides from the command line.
+
+    python recipes/<name>.py --config recipes/configs/<name>.yaml [--key value ...]
+
+`--help` lists every field of the dataclass (with its help text). A YAML key or CLI flag the
+dataclass does not have is an error that names it and suggests the closest valid name; so is a
+YAML value of the wrong type. Nothing is loaded or written before the config is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+
+def _fail(message: str) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is typing.Literal:
+        return value in args
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def parse_config(cls, argv: list[str] | None = None):
+    """Build `cls` from `--config FILE` (optional) and CLI flags; CLI wins."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(cls)
+    parser.add_argument("--config", help="YAML file with defaults for any option below (CLI flags override it)")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+
+    config_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+    if config_path and not any(a in ("-h", "--help") for a in argv):
+        path = Path(config_path)
+        if not path.is_file():
+            _fail(f"--config {config_path}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{config_path}:{mark.line + 1}" if mark else config_path
+            _fail(f"{where}: not valid YAML ({getattr(e, 'problem', e)})")
+        if not isinstance(values, dict):
+            _fail(f"{config_path}: must be a mapping of option: value")
+        for key, value in values.items():
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                _fail(f"{config_path}: unknown key {key!r}{hint}; `--help` lists the valid options")
+            if not _type_ok(value, hints[key]):
+                _fail(f"{config_path}: {key}: {value!r} is not a valid {hints[key]}")
+        parser.set_defaults(**values)
+
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        close = difflib.get_close_matches(flag.lstrip("-").split("=")[0], fields, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        _fail(f"unknown option {flag!r}{hint}; `--help` lists the valid options")
+    kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        _fail(str(e))

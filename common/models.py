@@ -1,0 +1,100 @@
+"""Loading a base model for LoRA/QLoRA training, with the precision and placement rules spelled out.
+
+- precision: bf16 where the hardware has it (CUDA compute capability >= 8, or a CPU with native
+  bf16 such as AVX512-BF16/AMX), else fp32; fp16 only on CUDA (on CPU it runs at a few GFLOP/s).
+- QLoRA: bitsandbytes NF4 with double quantization, compute dtype = the training precision; the
+  whole quantized model goes to this process's device (`device_map={"": device}`), never "auto".
+- LoRA via peft's `get_peft_model`, then the input-grad fix (common.checks.enable_input_grads).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.checks import CheckFailed, enable_input_grads
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' | 'bf16' | 'fp16' | 'fp32' -> what this hardware runs; refuses what it cannot."""
+    if device.type == "cuda":
+        has_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        has_bf16 = cpu_has_bf16()
+    if requested == "auto":
+        chosen = "bf16" if has_bf16 else ("fp16" if device.type == "cuda" else "fp32")
+        log.info("precision auto -> %s on %s", chosen, device.type)
+        return chosen
+    if requested == "bf16" and not has_bf16:
+        raise CheckFailed(f"--precision bf16 requested but this {device.type} has no bf16 support "
+                          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU without AVX512-BF16/AMX'}). "
+                          "Use --precision fp16 on older GPUs, fp32 on CPU, or auto")
+    if requested == "fp16" and device.type != "cuda":
+        raise CheckFailed("--precision fp16 on CPU runs at a few GFLOP/s and is not supported here; use bf16 or fp32 "
+                          "(or auto)")
+    if requested not in ("bf16", "fp16", "fp32"):
+        raise CheckFailed(f"--precision {requested!r}: choose auto, bf16, fp16 or fp32")
+    return requested
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_base_model(path: str, device: torch.device, precision: str, quantize_4bit: bool,
+                    attn_implementation: str | None = None):
+    """The frozen base in the training precision (LoRA) or NF4 (QLoRA), placed on `device`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": DTYPES[precision], "device_map": {"": str(device)}}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[precision], bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def pick_attn_implementation(requested: str, device: torch.device) -> str:
+    """'auto' -> flash_attention_2 on CUDA when flash-attn is installed, else sdpa (logged)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        log.info("flash-attn is not installed: using sdpa attention (pip install -r requirements-gpu.txt)")
+        return "sdpa"
+    log.info("attention: sdpa on CPU (flash-attn needs CUDA)")
+    return "sdpa"
+
+
+def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str] | str, quantized: bool,
+                gradient_checkpointing: bool):
+    """peft LoRA on `target_modules` ('all-linear' or names); returns the PeftModel, ready to train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        # casts norms/head to fp32 for stability and turns on checkpointing (non-reentrant) if asked
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    enable_input_grads(model)
+    return model
