@@ -118,8 +118,7 @@ def tokenize_sft(items, tokenizer, max_length: int) -> tuple[list[dict], Truncat
 class CausalLMCollator:
     """Right-pads `input_ids`/`loss_mask` features to a multiple of `pad_to_multiple_of`, then labels.
 
-    Counts what it produced (`tokens`, `labelled_tokens`, `padded_tokens`, `min_label_fraction`)
-    so a recipe can report trained tokens/s without a second pass over the data.
+    A batch with no labelled token at all is an error (its loss would be NaN or 0).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
@@ -128,11 +127,6 @@ class CausalLMCollator:
                              "the EOS token also works with this collator because labels come from the loss mask)")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.reset_counts()
-
-    def reset_counts(self) -> None:
-        self.tokens = self.labelled_tokens = self.padded_tokens = self.batches = 0
-        self.min_label_fraction = 1.0
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         for i, f in enumerate(features):
@@ -151,14 +145,7 @@ class CausalLMCollator:
             attention_mask[i, :n] = 1
             loss_mask[i, :n] = torch.tensor(f["loss_mask"], dtype=torch.bool)
         labels = torch.where(loss_mask & attention_mask.bool(), input_ids, IGNORE_INDEX)
-        labelled = int((labels != IGNORE_INDEX).sum())
-        real = int(attention_mask.sum())
-        if labelled == 0:
+        if not (labels != IGNORE_INDEX).any():
             raise ValueError("a training batch has no labelled token (every label is -100): the loss would be "
                              "NaN or zero. Check the assistant masks of these examples or raise --max_length")
-        self.batches += 1
-        self.tokens += real
-        self.labelled_tokens += labelled
-        self.padded_tokens += input_ids.numel()
-        self.min_label_fraction = min(self.min_label_fraction, labelled / real)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

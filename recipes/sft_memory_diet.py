@@ -83,19 +83,15 @@ class Config:
 
 
 class SFTTrainer(Trainer):
-    """Trainer whose evaluation batches come from their own collator, so the training collator's
-    token counts are exactly the tokens trained on."""
+    """Trainer that counts the tokens of the batches it actually trains on (non-pad and labelled).
+    The collator cannot: the dataloader collates one batch ahead of the last step."""
 
-    def __init__(self, *args, eval_collator=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eval_collator = eval_collator
+    trained_tokens = trained_labelled_tokens = 0
 
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_collator or self.data_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.trained_tokens += int(inputs["attention_mask"].sum())
+        self.trained_labelled_tokens += int((inputs["labels"] != -100).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def sft_items(records, fmt):
@@ -139,7 +135,6 @@ def main(cfg: Config) -> dict:
     truncation.log(cfg.max_length)
     eval_features = tokenize_sft(sft_items(eval_records, fmt), tokenizer, cfg.max_length)[0] if eval_records else []
     collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
-    eval_collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
 
     # ---- model: base (bf16/fp32 or 4-bit) + LoRA + input-grad fix --------------------------------
     memory = PeakMemory(device)
@@ -175,7 +170,7 @@ def main(cfg: Config) -> dict:
         include_num_input_tokens_seen="non_padding",
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
-                         data_collator=collator, eval_collator=eval_collator, processing_class=tokenizer,
+                         data_collator=collator, processing_class=tokenizer,
                          callbacks=[CheckpointValidator()])
     world = args.world_size
     log.info("effective batch = %d per device x %d accumulation x %d devices = %d sequences per optimizer step",
@@ -186,7 +181,6 @@ def main(cfg: Config) -> dict:
     first = collator(train_features[:cfg.per_device_train_batch_size])
     checks.check_labels(first, tokenizer.eos_token_id, tokenizer.pad_token_id)
     checks.check_gradient_flow(model, first)
-    collator.reset_counts()
 
     # ---- before: held-out loss, generations, keyword accuracy ------------------------------------
     probe = [r for r in eval_records if r.data.get("keywords")] if fmt == "chat" else []
@@ -210,7 +204,7 @@ def main(cfg: Config) -> dict:
     if guard:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)
-    trained_tokens, labelled_tokens = collator.tokens, collator.labelled_tokens
+    trained_tokens, labelled_tokens = trainer.trained_tokens, trainer.trained_labelled_tokens
 
     # ---- after: evaluate, generate, save ---------------------------------------------------------
     after = {"eval_loss": trainer.evaluate()["eval_loss"] if eval_features else None}

@@ -1,0 +1,47 @@
+"""Shared fixtures: offline environment, the tiny model, and (built once) SmolLM2-135M-Instruct."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# No hub at test time, ever; caches in places the test run owns.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "huggingface"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("FT_ASSETS_DIR", str(REPO / ".assets"))  # shared with the quickstart: SmolLM2 is built once
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from common.assets import build
+
+    return build("tiny", tmp_path_factory.mktemp("assets") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from common.assets import resolve_model_path
+
+    return Path(resolve_model_path("asset:smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def run(cmd, cwd=REPO, env=None, timeout=600):
+    """Run a command, return CompletedProcess with text output (never raises on non-zero)."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
