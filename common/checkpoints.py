@@ -68,12 +68,29 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))
 
 
+def _changed_since_validation(path: Path) -> list[str]:
+    """Files whose size differs from what the marker recorded (truncated or rewritten after validation)."""
+    try:
+        recorded = json.loads((path / MARKER).read_text())["files"]
+        recorded = {str(name): int(size) for name, size in recorded.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return [f"{MARKER} unreadable"]
+    problems = []
+    for name, size in recorded.items():
+        f = path / name
+        now_size = f.stat().st_size if f.is_file() else None
+        if now_size != size:
+            problems.append(f"{name} is {'missing' if now_size is None else f'{now_size} bytes'}, "
+                            f"was {size} bytes when validated")
+    return problems
+
+
 def last_valid_checkpoint(output_dir: Path) -> Path | None:
     for path in reversed(checkpoints(output_dir)):
         if not (path / MARKER).is_file():
             log.warning("skipping %s: it was never validated (probably half-written when the run stopped)", path)
             continue
-        problems = checkpoint_problems(path)
+        problems = checkpoint_problems(path) + _changed_since_validation(path)
         if problems:
             log.warning("skipping %s: %s", path, "; ".join(problems))
             continue
@@ -116,6 +133,8 @@ def prepare_output_dir(output_dir: Path, config: dict, resume: bool = True) -> P
     - holds an unfinished run of another config, or files that are not a run: refused.
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"--output_dir {output_dir} is a file, not a directory; choose another --output_dir")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         output_dir.mkdir(parents=True, exist_ok=True)
         return None

@@ -45,10 +45,16 @@ def _type_ok(value, annotation) -> bool:
     return True
 
 
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 def parse_config(cls, argv: list[str] | None = None):
     """Build `cls` from `--config FILE` (optional) and CLI flags; CLI wins."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(cls)
+    # allow_abbrev=False: argparse would otherwise take `--max_len 9` as --max_length and `--resum false` as
+    # --resume, silently, while the same typo in the YAML is an error.
+    parser = HfArgumentParser(cls, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file with defaults for any option below (CLI flags override it)")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -77,7 +83,16 @@ def parse_config(cls, argv: list[str] | None = None):
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 _fail(f"{config_path}: unknown key {key!r}{hint}; `--help` lists the valid options")
             if not _type_ok(value, hints[key]):
-                _fail(f"{config_path}: {key}: {value!r} is not a valid {hints[key]}")
+                hint = ""
+                if isinstance(value, str) and _type_ok(1.0, hints[key]):
+                    try:
+                        float(value)
+                        hint = " (YAML reads a number like 1e-3 as text; write it with a dot: 1.0e-3)"
+                    except ValueError:
+                        pass
+                _fail(f"{config_path}: {key}: {value!r} is not a valid {_type_name(hints[key])}{hint}")
+            if hints[key] is float and isinstance(value, int) and not isinstance(value, bool):
+                values[key] = float(value)  # `epochs: 8` gives 8.0, as `--epochs 8` does
         parser.set_defaults(**values)
 
     namespace, unknown = parser.parse_known_args(argv)

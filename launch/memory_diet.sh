@@ -3,7 +3,8 @@
 #
 #   bash launch/memory_diet.sh [--key value ...]      # extra flags go to the recipe and override the config
 #   CONFIG=my.yaml bash launch/memory_diet.sh         # another config file
-#   PYTHON=/path/to/python bash launch/memory_diet.sh # another interpreter (default: python, else python3)
+#   PYTHON=/path/to/python bash launch/memory_diet.sh # another interpreter (default: .venv/bin/python from
+#                                                     # launch/setup_env.sh, else python on PATH)
 #
 # Failure modes it catches before the recipe starts:
 #   - more than one process: this recipe is single-device (use launch/multigpu_qlora.sh for several GPUs)
@@ -13,14 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   echo
   echo "Recipe options (python recipes/sft_memory_diet.py --help):"
-  PY=${PYTHON:-$(command -v python || command -v python3)}
+  PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
   exec "$PY" recipes/sft_memory_diet.py --help
 fi
 
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
 CONFIG=${CONFIG:-recipes/configs/sft_memory_diet.yaml}
 if [[ -n "${WORLD_SIZE:-}" && "${WORLD_SIZE}" != "1" ]]; then
   echo "memory_diet.sh: WORLD_SIZE=${WORLD_SIZE} but this recipe is single-device; use launch/multigpu_qlora.sh" >&2

@@ -42,6 +42,6 @@ def tiny_tokenizer(tiny_dir):
 
 def run(cmd, cwd=REPO, env=None, timeout=600):
     """Run a command, return CompletedProcess with text output (never raises on non-zero)."""
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
     full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

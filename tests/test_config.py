@@ -1,0 +1,288 @@
+"""common.config.parse_config: YAML defaults, CLI overrides, and a clear exit-2 error for every bad option."""
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import pytest
+import yaml
+
+from common.config import parse_config
+from conftest import REPO
+
+RECIPE = REPO / "recipes" / "sft_memory_diet.py"
+RECIPE_YAML = REPO / "recipes" / "configs" / "sft_memory_diet.yaml"
+
+
+@dataclass
+class Small:
+    name: str = field(default="base", metadata={"help": "a name"})
+    max_length: int = field(default=128, metadata={"help": "tokens"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak lr"})
+    flag: bool = field(default=True, metadata={"help": "a switch"})
+    eval_path: str | None = field(default=None, metadata={"help": "optional path"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj"], metadata={"help": "modules"})
+
+
+@dataclass
+class Checked:
+    lr: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def fails(capsys, cls, argv):
+    """parse_config must exit 2; returns its stderr."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(cls, argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- values ---------------------------------------------------------------------------------------
+def test_no_config_gives_dataclass_defaults():
+    assert parse_config(Small, []) == Small()
+
+
+def test_yaml_sets_every_type(tmp_path):
+    path = write(tmp_path, "name: tuned\nmax_length: 64\nlearning_rate: 2.0e-4\nflag: false\n"
+                           "eval_path: data/x.jsonl\nlora_target_modules: [q_proj, k_proj, v_proj]\n")
+    assert parse_config(Small, ["--config", str(path)]) == Small(
+        name="tuned", max_length=64, learning_rate=2e-4, flag=False, eval_path="data/x.jsonl",
+        lora_target_modules=["q_proj", "k_proj", "v_proj"])
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    assert parse_config(Small, ["--config", str(write(tmp_path, "# nothing set\n"))]) == Small()
+
+
+def test_cli_overrides_yaml(tmp_path):
+    path = write(tmp_path, "learning_rate: 2.0e-4\nmax_length: 64\nflag: true\neval_path: a.jsonl\n"
+                           "lora_target_modules: [gate_proj]\n")
+    cfg = parse_config(Small, ["--config", str(path), "--learning_rate", "1e-3", "--flag", "false",
+                               "--lora_target_modules", "q_proj", "v_proj", "--eval_path", "b.jsonl"])
+    assert cfg == Small(max_length=64, learning_rate=1e-3, flag=False, eval_path="b.jsonl",
+                        lora_target_modules=["q_proj", "v_proj"])
+    # order does not matter, and --config=FILE works too
+    cfg = parse_config(Small, ["--learning_rate=1e-3", f"--config={path}"])
+    assert (cfg.learning_rate, cfg.max_length) == (1e-3, 64)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--flag", "false"], False), (["--flag", "False"], False), (["--flag", "no"], False), (["--flag", "0"], False),
+    (["--flag", "true"], True), (["--flag"], True), (["--no_flag"], False),
+])
+def test_bool_from_cli(tmp_path, argv, expected):
+    assert parse_config(Small, argv).flag is expected
+    # also when the YAML said the opposite
+    path = write(tmp_path, f"flag: {str(not expected).lower()}\n")
+    assert parse_config(Small, ["--config", str(path)] + argv).flag is expected
+
+
+def test_yaml_int_for_float_field_becomes_float(tmp_path):
+    cfg = parse_config(Small, ["--config", str(write(tmp_path, "learning_rate: 1\n"))])
+    assert cfg.learning_rate == 1.0 and type(cfg.learning_rate) is float
+
+
+def test_post_init_error_exits_2(capsys):
+    assert fails(capsys, Checked, ["--lr", "-1"]) == "error: lr must be > 0, got -1.0\n"
+
+
+# ---- unknown keys and flags -----------------------------------------------------------------------
+def test_unknown_yaml_key_names_it_and_suggests(tmp_path, capsys):
+    path = write(tmp_path, "max_length: 64\nlearnin_rate: 1.0e-3\n")
+    err = fails(capsys, Small, ["--config", str(path)])
+    assert err == (f"error: {path}: unknown key 'learnin_rate' (did you mean 'learning_rate'?); "
+                   "`--help` lists the valid options\n")
+
+
+def test_unknown_yaml_key_without_close_match(tmp_path, capsys):
+    path = write(tmp_path, "zzz: 1\n")
+    err = fails(capsys, Small, ["--config", str(path)])
+    assert err == f"error: {path}: unknown key 'zzz'; `--help` lists the valid options\n"
+
+
+def test_unknown_yaml_key_is_reported_even_when_cli_sets_it_right(tmp_path, capsys):
+    path = write(tmp_path, "learnin_rate: 1.0e-3\n")
+    err = fails(capsys, Small, ["--config", str(path), "--learning_rate", "1e-3"])
+    assert "unknown key 'learnin_rate'" in err
+
+
+@pytest.mark.parametrize("argv, flag, suggestion", [
+    (["--learnin_rate", "1e-3"], "--learnin_rate", "--learning_rate"),
+    (["--learnin_rate=1e-3"], "--learnin_rate=1e-3", "--learning_rate"),
+    (["--max_lenght", "64"], "--max_lenght", "--max_length"),
+    # a prefix of a real option is not that option (argparse would silently accept it by default)
+    (["--max_len", "64"], "--max_len", "--max_length"),
+    (["--fla", "false"], "--fla", "--flag"),
+])
+def test_unknown_cli_flag_names_it_and_suggests(capsys, argv, flag, suggestion):
+    err = fails(capsys, Small, ["--max_length", "32"] + argv)
+    assert err == f"error: unknown option {flag!r} (did you mean {suggestion}?); `--help` lists the valid options\n"
+
+
+def test_unknown_cli_flag_without_close_match(capsys):
+    err = fails(capsys, Small, ["--zzz", "1"])
+    assert err == "error: unknown option '--zzz'; `--help` lists the valid options\n"
+
+
+def test_stray_positional_argument_is_an_error(capsys):
+    err = fails(capsys, Small, ["--max_length", "32", "64"])
+    assert err.startswith("error: unknown option '64'")
+
+
+def test_bad_cli_value_exits_2(capsys):
+    err = fails(capsys, Small, ["--max_length", "long"])
+    assert "argument --max_length" in err and "invalid int value: 'long'" in err
+
+
+# ---- wrong YAML types ------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ('max_length: "long"\n', "max_length: 'long' is not a valid int"),
+    ("max_length: 1.5\n", "max_length: 1.5 is not a valid int"),
+    ("max_length: true\n", "max_length: True is not a valid int"),
+    ("max_length: null\n", "max_length: None is not a valid int"),
+    ("learning_rate: fast\n", "learning_rate: 'fast' is not a valid float"),
+    ("learning_rate: true\n", "learning_rate: True is not a valid float"),
+    ('flag: "false"\n', "flag: 'false' is not a valid bool"),
+    ("flag: 1\n", "flag: 1 is not a valid bool"),
+    ("name: 123\n", "name: 123 is not a valid str"),
+    ("eval_path: 3\n", "eval_path: 3 is not a valid str | None"),
+    ("lora_target_modules: q_proj\n", "lora_target_modules: 'q_proj' is not a valid list[str]"),
+    ("lora_target_modules: [q_proj, 7]\n", "lora_target_modules: ['q_proj', 7] is not a valid list[str]"),
+])
+def test_wrong_yaml_type_names_the_key(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    assert fails(capsys, Small, ["--config", str(path)]) == f"error: {path}: {message}\n"
+
+
+def test_yaml_1e3_is_text_and_the_error_says_how_to_write_it(tmp_path, capsys):
+    path = write(tmp_path, "learning_rate: 1e-3\n")  # YAML 1.1 (PyYAML): no dot -> a string
+    err = fails(capsys, Small, ["--config", str(path)])
+    assert err == (f"error: {path}: learning_rate: '1e-3' is not a valid float "
+                   "(YAML reads a number like 1e-3 as text; write it with a dot: 1.0e-3)\n")
+
+
+# ---- broken config files ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["- name\n- max_length\n", "just text\n", "42\n"])
+def test_yaml_that_is_not_a_mapping(tmp_path, capsys, text):
+    path = write(tmp_path, text)
+    assert fails(capsys, Small, ["--config", str(path)]) == f"error: {path}: must be a mapping of option: value\n"
+
+
+def test_missing_config_file(tmp_path, capsys):
+    path = tmp_path / "nope.yaml"
+    assert fails(capsys, Small, ["--config", str(path)]) == f"error: --config {path}: no such file\n"
+    assert fails(capsys, Small, ["--config", str(tmp_path)]) == f"error: --config {tmp_path}: no such file\n"
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ("name: a\nmax_length: 3\n  flag: x\n", 3, "mapping values are not allowed here"),
+    ("name: a\nlora_target_modules: [q_proj, v_proj\nflag: true\n", 3, "expected ',' or ']', but got ':'"),
+])
+def test_invalid_yaml_names_file_and_line(tmp_path, capsys, text, line, problem):
+    path = write(tmp_path, text)
+    assert fails(capsys, Small, ["--config", str(path)]) == f"error: {path}:{line}: not valid YAML ({problem})\n"
+
+
+def test_config_flag_without_value(capsys):
+    err = fails(capsys, Small, ["--config"])
+    assert "argument --config: expected one argument" in err
+
+
+# ---- --help ----------------------------------------------------------------------------------------
+def test_help_lists_every_field_and_skips_the_config(tmp_path, capsys):
+    broken = write(tmp_path, "learnin_rate: [\n")  # --help must work even with a broken config
+    with pytest.raises(SystemExit) as e:
+        parse_config(Small, ["--config", str(broken), "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in fields(Small):
+        assert f"--{f.name}" in out
+        assert f.metadata["help"] in out
+    assert "--config" in out
+
+
+# ---- the real recipe Config ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def recipe_config():
+    spec = importlib.util.spec_from_file_location("sft_memory_diet_under_test", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses needs the module registered
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module.Config
+
+
+def test_recipe_yaml_loads_exactly(recipe_config):
+    raw = yaml.safe_load(RECIPE_YAML.read_text())
+    cfg = parse_config(recipe_config, ["--config", str(RECIPE_YAML)])
+    resolved = asdict(cfg)
+    assert {k: resolved[k] for k in raw} == raw
+    defaults = asdict(recipe_config())
+    assert {k: v for k, v in resolved.items() if k not in raw} == {k: v for k, v in defaults.items() if k not in raw}
+    assert type(cfg.num_train_epochs) is float  # YAML says 8
+
+
+def test_recipe_cli_overrides(recipe_config):
+    cfg = parse_config(recipe_config, ["--config", str(RECIPE_YAML), "--learning_rate", "5e-4",
+                                       "--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "true",
+                                       "--resume", "false", "--save_total_limit", "2", "--eval_dataset_path", "x.jsonl"])
+    assert (cfg.learning_rate, cfg.lora_target_modules, cfg.gradient_checkpointing, cfg.resume,
+            cfg.save_total_limit, cfg.eval_dataset_path) == (5e-4, ["q_proj", "v_proj"], True, False, 2, "x.jsonl")
+    assert cfg.per_device_train_batch_size == 4  # still from the YAML
+
+
+def test_recipe_wrong_yaml_type(recipe_config, tmp_path, capsys):
+    path = write(tmp_path, "max_length: long\n")
+    assert fails(capsys, recipe_config, ["--config", str(path)]) == f"error: {path}: max_length: 'long' is not a valid int\n"
+    path = write(tmp_path, "save_total_limit: three\n")
+    assert fails(capsys, recipe_config, ["--config", str(path)]) == (
+        f"error: {path}: save_total_limit: 'three' is not a valid int | None\n")
+
+
+@pytest.fixture(scope="module")
+def recipe_processes(tmp_path_factory):
+    """`--help` and a run with a typo in its YAML, as real subprocesses started together (each imports torch)."""
+    tmp = tmp_path_factory.mktemp("recipe_cli")
+    out_dir = tmp / "run_out"
+    typo = tmp / "typo.yaml"
+    typo.write_text(f"output_dir: {out_dir}\nmodel_name_or_path: asset:tiny\nlearnin_rate: 1.0e-3\nmax_steps: 1\n")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    cmds = {"help": [sys.executable, str(RECIPE), "--help"],
+            "typo": [sys.executable, str(RECIPE), "--config", str(typo), "--max_steps", "2"]}
+    procs = {k: subprocess.Popen(c, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in cmds.items()}
+    results = {}
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        results[k] = (p.returncode, out, err)
+    return results, typo, out_dir
+
+
+def test_recipe_help_lists_every_option(recipe_processes, recipe_config):
+    code, out, err = recipe_processes[0]["help"]
+    assert code == 0, err[-2000:]
+    for f in fields(recipe_config):
+        assert f"--{f.name} " in out or f"--{f.name}\n" in out, f"--{f.name} missing from --help"
+    assert "--config" in out
+
+
+def test_recipe_unknown_yaml_key_exits_2_before_anything(recipe_processes):
+    (code, out, err), typo, out_dir = recipe_processes[0]["typo"], recipe_processes[1], recipe_processes[2]
+    assert code == 2
+    assert (f"error: {typo}: unknown key 'learnin_rate' (did you mean 'learning_rate'?); "
+            "`--help` lists the valid options") in err.splitlines()
+    assert "Traceback" not in err
+    assert not out_dir.exists()
