@@ -77,6 +77,8 @@ def _changed_since_validation(path: Path) -> list[str]:
         return [f"{MARKER} unreadable"]
     problems = []
     for name, size in recorded.items():
+        if name == MARKER:
+            continue
         f = path / name
         now_size = f.stat().st_size if f.is_file() else None
         if now_size != size:
@@ -110,12 +112,13 @@ class CheckpointValidator(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not path.is_dir():
             return
+        (path / MARKER).unlink(missing_ok=True)  # stale: this step was saved before (a resumed run saves it again)
         problems = checkpoint_problems(path, self.needs_optimizer)
         if problems:
             control.should_training_stop = True
             raise RuntimeError(f"checkpoint {path} failed validation: {'; '.join(problems)}. Training stopped so a "
                                "bad checkpoint does not replace good ones; check free disk space and permissions")
-        sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+        sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != MARKER}
         (path / MARKER).write_text(json.dumps({"step": state.global_step, "files": sizes}, indent=2))
         log.info("checkpoint %s validated (%d files, %.1f MB)", path.name, len(sizes), sum(sizes.values()) / 1e6)
 

@@ -53,10 +53,10 @@ def pinned_versions(requirements: Path = REPO_ROOT / "requirements.txt") -> dict
     return pins
 
 
-def version_drift() -> list[str]:
+def version_drift(requirements: Path = REPO_ROOT / "requirements.txt") -> list[str]:
     """Installed packages whose version differs from requirements.txt (seed 000: version drift)."""
     drift = []
-    for name, want in pinned_versions().items():
+    for name, want in pinned_versions(requirements).items():
         try:
             have = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -216,3 +216,18 @@ def test_cpu_4bit_eval_forward_corrupts_gradients_and_is_caught(tiny_dir, tiny_t
     x = torch.randn(2, layer.in_features, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is None  # silently wrong: no error, no gradient
+
+
+# --- version drift (seed 000, episode 3) --------------------------------------------------------
+def test_version_drift_names_the_package_and_both_versions(tmp_path):
+    import transformers
+
+    from common.run_files import version_drift
+
+    from conftest import REPO
+
+    assert version_drift(REPO / "requirements.txt") == []  # this environment matches the pins
+    req = tmp_path / "requirements.txt"
+    req.write_text(f"transformers==4.28.1\npeft=={__import__('peft').__version__}\nnot-a-package==1.0\n")
+    assert version_drift(req) == [f"transformers {transformers.__version__} (pinned 4.28.1)",
+                                  "not-a-package not installed (pinned 1.0)"]

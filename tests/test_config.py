@@ -1,6 +1,7 @@
 """common.config.parse_config: YAML defaults, CLI overrides, and a clear exit-2 error for every bad option."""
 import importlib.util
 import os
+import runpy
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -252,36 +253,41 @@ def test_recipe_wrong_yaml_type(recipe_config, tmp_path, capsys):
         f"error: {path}: save_total_limit: 'three' is not a valid int | None\n")
 
 
-@pytest.fixture(scope="module")
-def recipe_processes(tmp_path_factory):
-    """`--help` and a run with a typo in its YAML, as real subprocesses started together (each imports torch)."""
+@pytest.fixture(scope="module", autouse=True)
+def typo_run(tmp_path_factory):
+    """The recipe as a real subprocess with a typo in its YAML; started when this module starts so its
+    imports (torch, transformers: seconds) overlap with the in-process tests."""
     tmp = tmp_path_factory.mktemp("recipe_cli")
     out_dir = tmp / "run_out"
     typo = tmp / "typo.yaml"
     typo.write_text(f"output_dir: {out_dir}\nmodel_name_or_path: asset:tiny\nlearnin_rate: 1.0e-3\nmax_steps: 1\n")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    cmds = {"help": [sys.executable, str(RECIPE), "--help"],
-            "typo": [sys.executable, str(RECIPE), "--config", str(typo), "--max_steps", "2"]}
-    procs = {k: subprocess.Popen(c, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
-    results = {}
-    for k, p in procs.items():
-        out, err = p.communicate(timeout=300)
-        results[k] = (p.returncode, out, err)
-    return results, typo, out_dir
+    proc = subprocess.Popen([sys.executable, str(RECIPE), "--config", str(typo), "--max_steps", "2"], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc, typo, out_dir
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
-def test_recipe_help_lists_every_option(recipe_processes, recipe_config):
-    code, out, err = recipe_processes[0]["help"]
-    assert code == 0, err[-2000:]
+def test_recipe_help_lists_every_option(recipe_config, monkeypatch, capsys):
+    """`python recipes/sft_memory_diet.py --help`, run in this process (its imports are already loaded)."""
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), "--help"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sft_memory_diet.py")
     for f in fields(recipe_config):
         assert f"--{f.name} " in out or f"--{f.name}\n" in out, f"--{f.name} missing from --help"
-    assert "--config" in out
+    assert "--config CONFIG" in out
 
 
-def test_recipe_unknown_yaml_key_exits_2_before_anything(recipe_processes):
-    (code, out, err), typo, out_dir = recipe_processes[0]["typo"], recipe_processes[1], recipe_processes[2]
-    assert code == 2
+def test_recipe_unknown_yaml_key_exits_2_before_anything(typo_run):
+    proc, typo, out_dir = typo_run
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
     assert (f"error: {typo}: unknown key 'learnin_rate' (did you mean 'learning_rate'?); "
             "`--help` lists the valid options") in err.splitlines()
     assert "Traceback" not in err

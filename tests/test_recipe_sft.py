@@ -130,11 +130,12 @@ def test_interrupted_run_resumes_from_last_valid_checkpoint(lora_run, tiny_dir, 
 
 
 def test_qlora_on_cpu_trains_and_skips_eval_before_training(lora_run, tiny_dir, tmp_path):
-    proc = train(tiny_dir, tmp_path / "q", "--method", "qlora", "--max_steps", "4")
+    proc = train(tiny_dir, tmp_path / "q", "--method", "qlora", "--max_steps", "4", "--optim", "paged_adamw_8bit")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "QLoRA on CPU: no evaluation or generation before training" in proc.stderr
+    assert "on CPU paged_adamw_8bit runs as adamw_8bit" in proc.stderr
     m = json.loads((tmp_path / "q" / "metrics.json").read_text())
-    assert m["method"] == "qlora" and m["eval_loss_before"] is None and math.isfinite(m["eval_loss_after"])
+    assert m["optimizer"] == "adamw_8bit" and m["method"] == "qlora" and m["eval_loss_before"] is None and math.isfinite(m["eval_loss_after"])
     lora = json.loads((lora_run[0] / "metrics.json").read_text())
     # packed 4-bit weights are counted as the weights they hold: same totals as the fp32 LoRA run
     assert (m["trainable_params"], m["total_params"]) == (lora["trainable_params"], lora["total_params"])
