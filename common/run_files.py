@@ -122,28 +122,38 @@ class PeakMemory:
     """Peak memory of the run, measured the way the device allows.
 
     CUDA: torch.cuda.max_memory_allocated (tensors) and max_memory_reserved (allocator cache), reset
-    at start. CPU: the process's peak resident set size (getrusage ru_maxrss), which includes the
-    Python interpreter, libraries and data; `baseline_bytes` is the RSS peak before the model loaded.
+    at start. CPU: the process's peak resident set size, VmHWM from /proc/self/status. It includes
+    the Python interpreter, libraries and data; `baseline_rss_bytes` is the peak before the model
+    loaded. Not getrusage's ru_maxrss: Linux carries that across fork+exec, so a recipe started by
+    a big parent (a notebook, a sweep driver, pytest holding a model) reports the parent's peak.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        self.baseline_bytes = self._rss_peak()
+        self.baseline_bytes = self.rss_peak()[0]
 
     @staticmethod
-    def _rss_peak() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    def rss_peak() -> tuple[int, str]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024, "VmHWM (/proc/self/status)"
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "getrusage ru_maxrss"
 
     def report(self) -> dict:
         if self.device.type == "cuda":
             return {"peak_memory_bytes": torch.cuda.max_memory_allocated(self.device),
                     "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
                     "peak_memory_method": "torch.cuda.max_memory_allocated (reserved: max_memory_reserved)"}
-        return {"peak_memory_bytes": self._rss_peak(), "baseline_rss_bytes": self.baseline_bytes,
-                "peak_memory_method": "process peak RSS (getrusage ru_maxrss); includes Python, libraries and "
-                                      "data; baseline_rss_bytes is the peak before the model was loaded"}
+        peak, source = self.rss_peak()
+        return {"peak_memory_bytes": peak, "baseline_rss_bytes": self.baseline_bytes,
+                "peak_memory_method": f"process peak resident set size, {source}; includes Python, libraries "
+                                      "and data; baseline_rss_bytes is the peak before the model was loaded"}
 
 
 def device_name(device: torch.device) -> str:

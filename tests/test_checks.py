@@ -231,3 +231,25 @@ def test_version_drift_names_the_package_and_both_versions(tmp_path):
     req.write_text(f"transformers==4.28.1\npeft=={__import__('peft').__version__}\nnot-a-package==1.0\n")
     assert version_drift(req) == [f"transformers {transformers.__version__} (pinned 4.28.1)",
                                   "not-a-package not installed (pinned 1.0)"]
+
+
+# --- peak memory on CPU ----------------------------------------------------------------------------
+def test_peak_rss_is_this_process_not_the_parent_that_started_it():
+    """ru_maxrss survives fork+exec on Linux: a child of a 600 MB parent reports >= 600 MB."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    ballast = bytearray(600 * 2**20)  # touch 600 MB in this (parent) process
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = ("import json, resource; from common.run_files import PeakMemory; "
+            "print(json.dumps({'ours': PeakMemory.rss_peak()[0], "
+            "'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout)
+    assert seen["ru_maxrss"] >= 600 * 2**20       # inherited from this process
+    assert seen["ours"] < 300 * 2**20             # the child's own peak: an interpreter, a few tens of MB
+    del ballast
