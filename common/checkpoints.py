@@ -55,7 +55,11 @@ def checkpoint_problems(path: Path, needs_optimizer: bool = True) -> list[str]:
             except Exception as e:  # a truncated file raises a library-specific error
                 problems.append(f"{w.name} unreadable ({e.__class__.__name__}: {e})")
     if needs_optimizer:
-        for name in ("optimizer.pt", "scheduler.pt"):
+        # DeepSpeed writes one optimizer shard per rank under global_step<N>/ instead of optimizer.pt
+        ds_shards = list(path.glob("global_step*/*optim_states.pt"))
+        if ds_shards:
+            problems += [f"{f.relative_to(path)} is empty" for f in ds_shards if f.stat().st_size == 0]
+        for name in ("scheduler.pt",) if ds_shards else ("optimizer.pt", "scheduler.pt"):
             f = path / name
             if not f.is_file() or f.stat().st_size == 0:
                 problems.append(f"{name} missing or empty")

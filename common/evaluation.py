@@ -1,9 +1,15 @@
-"""Evaluation pieces shared by recipes: batched greedy generation and keyword accuracy.
+"""Evaluation pieces shared by recipes: batched greedy generation, keyword accuracy, token-weighted
+perplexity, text-overlap metrics (ROUGE, BLEU, chrF, exact match) and label parsing.
 
 Generation pads on the left (a right-padded prompt would make the model continue after pad
-tokens) and stops at the tokenizer's EOS.
+tokens) and stops at the tokenizer's EOS and the chat template's end-of-turn token.
 """
 from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass
 
 import torch
 
@@ -37,3 +43,160 @@ def keyword_accuracy(replies: list[str], keywords: list[list[str]]) -> float:
     """Fraction of replies that contain every one of their keywords (case-insensitive)."""
     hits = [all(k.lower() in r.lower() for k in ks) for r, ks in zip(replies, keywords)]
     return sum(hits) / max(len(hits), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for recipes/evaluate.py and recipes/merge_export.py: generation that reports how each reply
+# ended, token-weighted perplexity, text-overlap metrics, and the chat template's end-of-turn token.
+# ---------------------------------------------------------------------------------------------
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (ChatML: <|im_end|>,
+    Llama 3: <|eot_id|>), or None without a chat template. Generation must stop on it; a
+    generation_config whose eos_token_id lacks it makes every reply run to max_new_tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = "EOT_PROBE_7f3a"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = text.split(probe, 1)[1] if probe in text else ""
+    specials = sorted({str(t) for t in tokenizer.all_special_tokens} | set(tokenizer.get_added_vocab()), key=len,
+                      reverse=True)
+    for token in specials:
+        if token and after.startswith(token):
+            return tokenizer.convert_tokens_to_ids(token)
+    return None
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id generation should stop at: the tokenizer's EOS, the template's end-of-turn token and
+    whatever the model's generation_config lists."""
+    ids = []
+    candidates = [tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)]
+    if generation_config is not None:
+        eos = generation_config.eos_token_id
+        candidates += eos if isinstance(eos, (list, tuple)) else [eos]
+    for i in candidates:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+@dataclass
+class Generation:
+    text: str              # the reply, decoded without special tokens, cut at the first stop token
+    new_tokens: int        # tokens generated before the stop token (or max_new_tokens)
+    stopped_at_eos: bool   # False: the reply ran to max_new_tokens (the pad == EOS symptom, CHRONICLES 3)
+
+
+@torch.no_grad()
+def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16,
+                     stop_ids: list[int] | None = None) -> list[Generation]:
+    """Greedy continuations of already-templated prompt strings, batched with LEFT padding.
+
+    A right-padded batch puts pad tokens between a short prompt and its continuation: the model
+    then continues after the pads and the short prompts get garbage (transformers only warns:
+    "A decoder-only architecture is being used, but right-padding was detected!"). Each row stops
+    at the first stop id; the tokens after it (pad fill) are dropped before decoding.
+    """
+    stop_ids = stop_ids or stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    results = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                                 pad_token_id=pad_id)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                stop = next((k for k, t in enumerate(row) if t in stop_ids), None)
+                kept = row if stop is None else row[:stop]
+                results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept),
+                                          stop is not None))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return results
+
+
+@torch.no_grad()
+def token_weighted_nll(model, features: list[dict], pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """(sum of next-token NLL over every labelled token, number of labelled tokens).
+
+    perplexity = exp(sum / count): every labelled token weighs the same, whatever batch it fell in.
+    The mean of per-batch mean losses (what Trainer.evaluate reports) weighs a token in a batch with
+    few labelled tokens more than one in a batch with many. Features are `tokenize_sft` output
+    (input_ids + loss_mask); labels come from the mask, so EOS is counted when pad == EOS.
+    """
+    from common.collator import CausalLMCollator
+
+    collate = CausalLMCollator(pad_token_id, pad_to_multiple_of=8)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(features), batch_size):
+            batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / tokens) if tokens else float("nan")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed (SQuAD-style), for exact match."""
+    text = text.lower().replace("_", " ")
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict:
+    """ROUGE-1/2/L F1 (rouge-score, stemmed, mean over examples, 0-1), corpus BLEU and chrF (sacrebleu,
+    0-100) and exact match (normalized, 0-1) of predictions against one reference each.
+
+    Scales are the libraries' own. Corpus BLEU needs 4-grams: a set of one- to three-word replies
+    scores 0 even when every reply is identical to its reference; ROUGE-2 of a one-word reply is 0.
+    rouge-score's tokenizer keeps only [a-z0-9], so text in other scripts scores 0 with it.
+    """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        return {}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    out = {key: sum(s[key].fmeasure for s in scores) / len(scores) for key in ("rouge1", "rouge2", "rougeL")}
+    out["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+    out["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score
+    out["exact_match"] = sum(normalize_answer(p) == normalize_answer(r)
+                             for p, r in zip(predictions, references)) / len(predictions)
+    return out
+
+
+def parse_label(reply: str, labels: list[str]) -> str | None:
+    """The allowed label a generated reply names: the reply itself when it is a label (after
+    normalization), else the one label it contains; None when it names none or several."""
+    norm = normalize_answer(reply)
+    by_norm = {normalize_answer(label): label for label in labels}
+    if norm in by_norm:
+        return by_norm[norm]
+    found = [label for n, label in by_norm.items() if re.search(rf"\b{re.escape(n)}\b", norm)]
+    return found[0] if len(found) == 1 else None

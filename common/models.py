@@ -50,8 +50,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_base_model(path: str, device: torch.device, precision: str, quantize_4bit: bool,
-                    attn_implementation: str | None = None):
-    """The frozen base in the training precision (LoRA) or NF4 (QLoRA), placed on `device`."""
+                    attn_implementation: str | None = None, quant_storage: torch.dtype = torch.uint8):
+    """The frozen base in the training precision (LoRA) or NF4 (QLoRA), placed on `device`.
+
+    `quant_storage`: the dtype the packed 4-bit weights are stored in. FSDP and ZeRO-3 flatten
+    parameters per dtype, so for sharded QLoRA it must equal the compute dtype (bf16), not uint8.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": DTYPES[precision], "device_map": {"": str(device)}}
@@ -60,7 +64,7 @@ def load_base_model(path: str, device: torch.device, precision: str, quantize_4b
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[precision], bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=DTYPES[precision], bnb_4bit_quant_storage=quant_storage)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed  # noqa: E402
+from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
@@ -37,6 +37,7 @@ from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
 from common.evaluation import generate_replies, keyword_accuracy  # noqa: E402
 from common.models import attach_lora, load_base_model, pick_attn_implementation, resolve_precision  # noqa: E402
+from common.trainer import TokenCountingTrainer  # noqa: E402
 from common.run_files import (PeakMemory, device_name, estimated_cost, now, plot_loss, version_drift,  # noqa: E402
                               write_json, write_manifest)
 
@@ -80,18 +81,6 @@ class Config:
     sample_generations: int = field(default=6, metadata={"help": "held-out prompts printed before/after training"})
     max_new_tokens: int = field(default=40, metadata={"help": "generation length for held-out prompts"})
     hourly_price_usd: float = field(default=1.41, metadata={"help": "price per device-hour for the cost estimate (default: seed 002's on-demand 24 GB A10G rate)"})
-
-
-class SFTTrainer(Trainer):
-    """Trainer that counts the tokens of the batches it actually trains on (non-pad and labelled).
-    The collator cannot: the dataloader collates one batch ahead of the last step."""
-
-    trained_tokens = trained_labelled_tokens = 0
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.trained_tokens += int(inputs["attention_mask"].sum())
-        self.trained_labelled_tokens += int((inputs["labels"] != -100).sum())
-        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def sft_items(records, fmt):
@@ -169,7 +158,7 @@ def main(cfg: Config) -> dict:
         remove_unused_columns=False, dataloader_num_workers=0, prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
+    trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
                          data_collator=collator, processing_class=tokenizer,
                          callbacks=[CheckpointValidator()])
     world = args.world_size

@@ -1,0 +1,148 @@
+"""Launch-time topology checks for data-parallel training, and the process-group lifecycle.
+
+Each check fails before the model loads (or right after, for placement) with the fix in the message:
+- the launcher started a different number of processes than the job asked for (including
+  `accelerate launch --cpu --num_processes 2`, which silently starts ONE process);
+- fewer GPUs visible than processes per node;
+- a (quantized) model placed on a device other than its rank's, or spread over several devices
+  by `device_map="auto"` (naive model parallelism, which DDP cannot wrap);
+- ranks that loaded different data (different files on different nodes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common.checks import CheckFailed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rank:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_launcher(expected_world_size: int) -> None:
+    """The processes that started are the ones the job asked for."""
+    started = int(os.environ.get("WORLD_SIZE", "1"))
+    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ):
+        raise CheckFailed("`accelerate launch --cpu --num_processes N` started ONE process (accelerate's simple "
+                          "launcher ignores --num_processes with --cpu; only MASTER_ADDR/PORT were set). Use "
+                          "`bash launch/multigpu_qlora.sh` (torchrun, NPROC processes over gloo) or "
+                          "`accelerate launch --multi_gpu --num_processes N` with use_cpu=True")
+    if expected_world_size and started != expected_world_size:
+        raise CheckFailed(f"world size is {started} but {expected_world_size} was requested: the launcher started "
+                          f"{started} process(es). Check NPROC x NNODES, that every node joined, and that the job "
+                          "landed on the machine type it asked for (seed 000: a 4-GPU job ran on a 1-GPU instance)")
+
+
+def check_gpus_visible(local_world_size: int, local_rank: int) -> None:
+    visible = torch.cuda.device_count()
+    if visible < local_world_size or local_rank >= visible:
+        raise CheckFailed(f"{local_world_size} processes per node need {local_world_size} GPUs but {visible} are "
+                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Lower NPROC "
+                          "or fix CUDA_VISIBLE_DEVICES / the job's GPU request")
+
+
+def init_distributed(device_request: str, timeout_minutes: int = 10) -> Rank:
+    """Start the process group (NCCL on GPU, gloo on CPU) when launched with several processes."""
+    from datetime import timedelta
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    use_cuda = device_request == "cuda" or (device_request == "auto" and torch.cuda.is_available())
+    if device_request == "cuda" and not torch.cuda.is_available():
+        raise CheckFailed("--device cuda was requested but torch sees no GPU; pass --device cpu or fix the CUDA setup")
+    if use_cuda:
+        check_gpus_visible(local_world, local_rank)
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if use_cuda else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Rank(rank, local_rank, world, local_world, device)
+
+
+def destroy() -> None:
+    """Tear the process group down at exit (without it, gloo/NCCL sometimes abort with SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_rank_placement(model, device: torch.device) -> None:
+    """Every parameter sits on this rank's device; nothing is spread by device_map='auto'."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    spread = {str(d) for d in device_map.values() if str(d) not in ("cpu", "disk")}
+    if len(spread) > 1:
+        raise CheckFailed(f"the model is spread over {sorted(spread)} (device_map='auto' is naive model parallelism). "
+                          "Under data parallelism each rank must hold its own full copy: load with "
+                          "device_map={'': local_rank}. DDP would fail with 'DistributedDataParallel device_ids and "
+                          "output_device arguments only work with single-device/multiple-device GPU modules'")
+    wrong = {str(p.device) for p in model.parameters() if p.device != device and p.device.type != "meta"}
+    if wrong:
+        raise CheckFailed(f"parameters on {sorted(wrong)} but this rank trains on {device}: a quantized model cannot "
+                          "be moved after loading, so load it with device_map={'': local_rank}")
+
+
+def gather(value):
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def data_fingerprint(features: list[dict]) -> dict:
+    h = hashlib.sha256()
+    for f in features:
+        h.update(json.dumps(f["input_ids"]).encode())
+    return {"examples": len(features), "sha256": h.hexdigest()[:16]}
+
+
+def check_same_data_on_all_ranks(features: list[dict], source: str) -> dict:
+    """Every rank tokenized the same examples (else ranks take different numbers of steps and hang)."""
+    mine = data_fingerprint(features)
+    everyone = gather(mine)
+    if any(f != everyone[0] for f in everyone):
+        table = ", ".join(f"rank {r}: {f['examples']} examples ({f['sha256']})" for r, f in enumerate(everyone))
+        raise CheckFailed(f"ranks loaded different training data from {source}: {table}. Every node must read the "
+                          "same file (a shared filesystem, or the same copy on every node); with different sizes the "
+                          "ranks run different numbers of steps and the job hangs at the next collective")
+    return mine
+
+
+def trainable_checksum(model) -> float:
+    """A cheap fingerprint of the trainable weights, to show data-parallel replicas stayed in sync.
+    Collective under DeepSpeed ZeRO-3 (the partitioned weights are gathered first): call it on every rank."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def checksum() -> float:
+        with torch.no_grad():
+            return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(params)))
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return checksum()
+    return checksum()

@@ -1,0 +1,569 @@
+"""Memory and parameter planner: predict what a fine-tuning run needs from the model config alone.
+
+    python -m common.memory --model <model dir or config.json> --method {full,lora,qlora} [--lora_r 16]
+        [--lora_targets q_proj,v_proj | all-linear] [--seq_len 512] [--batch_size 1] [--optim adamw_torch]
+        [--dtype bf16|fp16|fp32] [--grad_ckpt] [--world_size 1] [--zero {0,1,2,3}] [--device cuda|cpu] --json
+    python -m common.memory --model <...> --budget_gb 24 --recommend [--json]
+
+Parameter counts are exact: the model is instantiated on the meta device from its config (no weights,
+no downloads) and LoRA is attached with peft, so the numbers are what `from_pretrained` +
+`get_peft_model` give. Bytes are computed per component:
+
+- weights: the base in --dtype (this repo loads models in the training precision); LoRA adapters in
+  fp32 (peft upcasts them); QLoRA: bitsandbytes NF4, 0.5 byte/weight packed in uint8, plus one absmax
+  per 64 weights (fp32, or 8-bit + one fp32 per 256 absmax with double quantization). QLoRA's other
+  parameters (embeddings, lm_head, norms) are fp32: `prepare_model_for_kbit_training` upcasts them.
+- gradients: one per trainable parameter, in its dtype.
+- optimizer states: AdamW 2 states in the parameter dtype (8 B/param for fp32); 8-bit AdamW 2 B/param
+  plus an fp32 absmax per 256 values (tensors under 4,096 values stay 32-bit); paged_* the same bytes in
+  CUDA unified memory, which can spill to the host and is not counted by torch's allocator; Adafactor
+  one factored second moment (rows + columns); SGD without momentum nothing.
+- fp32 master weights under DeepSpeed bf16/fp16 (ZeRO >= 1). ZeRO stage s over N ranks divides the
+  optimizer states and master weights (s >= 1), the gradients (s >= 2) and the weights (s = 3) by N.
+- activations: what autograd keeps per token per layer of a Llama-style block (RMSNorm, sdpa attention,
+  SwiGLU MLP) under torch.autocast, from the tensors the real code saves (see `layer_activation_bytes`);
+  gradient checkpointing keeps each layer's input and recomputes one layer in backward.
+- logits: the loss upcasts logits to fp32; backward starts with 12 bytes per logit alive
+  (log-softmax output, its gradient and the gradient of the logits; batch x seq x vocab).
+- overhead: CUDA: the CUDA context (not in torch.cuda.max_memory_allocated) and allocator slack; CPU:
+  the process baseline (interpreter + torch + transformers + data), measured on the reference machine.
+
+`peak_bytes` predicts what a recipe's metrics.json reports as `peak_memory_bytes` on that device
+(CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM). `required_bytes` adds
+what that measurement leaves out (CUDA context, allocator fragmentation): compare it to a budget.
+See README "Memory planner" for the validation table (predicted vs measured).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+CONFIG_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "torch.bfloat16": 2, "torch.float16": 2,
+                      "torch.float32": 4}
+
+# bitsandbytes 4-bit (bnb 0.50): 64 weights per absmax; double quantization stores those absmax values
+# in 8 bits with one fp32 absmax per 256 of them, plus a 256-entry fp32 code table and an fp32 offset.
+NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE, NF4_CODE_BYTES = 64, 256, 16 * 4
+# bitsandbytes 8-bit optimizers: blockwise quantization in blocks of 256; smaller tensors stay 32-bit.
+BNB8_BLOCKSIZE, BNB8_MIN_SIZE = 256, 4096
+
+OPTIMIZERS = {
+    # name (TrainingArguments.optim): (kind, paged)
+    "adamw_torch": ("adamw", False), "adamw_torch_fused": ("adamw", False), "adamw_hf": ("adamw", False),
+    "adamw": ("adamw", False), "adamw_apex_fused": ("adamw", False),
+    "adamw_bnb_8bit": ("adamw8bit", False), "adamw_8bit": ("adamw8bit", False),
+    "paged_adamw_8bit": ("adamw8bit", True), "paged_adamw_32bit": ("adamw32bit", True),
+    "paged_adamw": ("adamw32bit", True),
+    "adafactor": ("adafactor", False), "sgd": ("sgd", False),
+}
+
+# Reference machine for the CPU constants below: the 2-core x86_64 VM with AVX512-BF16 this repo is
+# measured on (torch 2.13, transformers 5.23, peft 0.21.2, bitsandbytes 0.50.2, glibc malloc).
+# CPU_BASELINE_BYTES: VmHWM of a recipe process before the model loads (Python, torch, transformers,
+# peft, tokenizer, data), read from metrics.json `baseline_rss_bytes`.
+# CPU_ALLOCATOR_FACTOR: peak RSS growth during training / peak live tensor bytes. glibc keeps freed
+# activation-sized blocks (below its 32 MiB mmap threshold) mapped, so RSS exceeds live tensors.
+CPU_BASELINE_BYTES = 560 * 2**20
+CPU_ALLOCATOR_FACTOR = 1.0
+# CUDA: context + cuBLAS workspaces (not in max_memory_allocated), caching-allocator slack.
+CUDA_CONTEXT_BYTES = 600 * 2**20
+CUDA_FRAGMENTATION = 0.10
+
+LLAMA_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
+
+
+class PlanError(ValueError):
+    """A setting the planner cannot model; the message says what to change."""
+
+
+@dataclass
+class Settings:
+    """One training configuration to plan for (names follow TrainingArguments and the recipes)."""
+
+    method: str = "lora"                  # full | lora | qlora
+    lora_r: int = 16
+    lora_targets: str = "all-linear"      # comma-separated Linear names, or all-linear
+    lora_dropout: float = 0.05
+    seq_len: int = 512
+    batch_size: int = 1                   # per-device micro-batch
+    gradient_accumulation_steps: int = 1
+    optim: str = "adamw_torch"
+    dtype: str = "bf16"                   # training precision; the model is loaded in it (QLoRA: compute dtype)
+    grad_ckpt: bool = False
+    world_size: int = 1
+    zero: int = 0                         # DeepSpeed ZeRO stage (0 = plain DDP / single device)
+    device: str = "cuda"                  # cuda | cpu
+    double_quant: bool = True             # QLoRA: bnb_4bit_use_double_quant
+
+    def check(self) -> None:
+        if self.method not in ("full", "lora", "qlora"):
+            raise PlanError(f"--method {self.method!r}: choose full, lora or qlora")
+        if self.dtype not in DTYPE_BYTES:
+            raise PlanError(f"--dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.optim not in OPTIMIZERS:
+            raise PlanError(f"--optim {self.optim!r} is not modelled; choose one of {sorted(OPTIMIZERS)}")
+        if self.zero not in (0, 1, 2, 3):
+            raise PlanError(f"--zero {self.zero}: choose 0, 1, 2 or 3")
+        if self.device not in ("cuda", "cpu"):
+            raise PlanError(f"--device {self.device!r}: choose cuda or cpu")
+        for name in ("lora_r", "seq_len", "batch_size", "gradient_accumulation_steps", "world_size"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"--{name} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and exact parameter counts (meta device)
+# ---------------------------------------------------------------------------------------------
+def load_config(model: str):
+    """A transformers config from a model folder, a config.json file, or asset:<name>."""
+    from transformers import AutoConfig
+
+    if model.startswith("asset:"):
+        from common.assets import resolve_model_path
+
+        model = resolve_model_path(model)
+    path = Path(model)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if "model_type" not in data:
+            raise PlanError(f"{path}: no 'model_type' key; is this a transformers config.json?")
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PlanError(f"{path} has no config.json")
+        return AutoConfig.from_pretrained(path)
+    raise PlanError(f"--model {model}: not a folder, a config.json or asset:<name> (the planner never "
+                    "downloads; copy the model's config.json here)")
+
+
+@dataclass
+class Architecture:
+    """What the byte formulas need, read from the config and the meta-device model."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    checkpoint_dtype_bytes: int           # dtype of the weights on disk (config `dtype`), for CPU loading
+    total_params: int = 0
+    trainable_params: int = 0
+    lora_modules: int = 0
+    lora_params: int = 0
+    lora_inputs: list = field(default_factory=list)      # [(leaf name, in_features)] for one layer
+    quantizable: list = field(default_factory=list)      # numel of every Linear bnb would quantize
+    trainable_tensors: list = field(default_factory=list)  # shapes of trainable parameters
+    largest_layer_params: int = 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def _targets(spec: str):
+    return "all-linear" if spec in ("all-linear", "all_linear") else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "all-linear",
+                  lora_dropout: float = 0.05) -> Architecture:
+    """Instantiate the model on the meta device (no memory, no weights), attach LoRA with peft, count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    arch = Architecture(
+        hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        checkpoint_dtype_bytes=CONFIG_DTYPE_BYTES.get(str(getattr(config, "dtype", None) or "float32"), 4))
+    quiet = io.StringIO()
+    with torch.device("meta"), contextlib.redirect_stderr(quiet):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        output_embedding = model.get_output_embeddings()
+        skip = {id(output_embedding)} if output_embedding is not None else set()
+        arch.quantizable = [m.weight.numel() for m in model.modules()
+                            if isinstance(m, torch.nn.Linear) and id(m) not in skip]
+        layer_params = [sum(p.numel() for p in layer.parameters()) for layer in _decoder_layers(model)]
+        arch.largest_layer_params = max(layer_params) if layer_params else 0
+        if method in ("lora", "qlora"):
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
+                              target_modules=_targets(lora_targets), bias="none", task_type="CAUSAL_LM")
+            try:
+                model = get_peft_model(model, lora)
+            except ValueError as e:
+                raise PlanError(f"--lora_targets {lora_targets}: {e}") from None
+    for p in model.parameters():
+        arch.total_params += p.numel()
+        if method == "full" or p.requires_grad:
+            arch.trainable_params += p.numel()
+            arch.trainable_tensors.append(tuple(p.shape))
+    if method in ("lora", "qlora"):
+        wrapped = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0]
+        arch.lora_modules = len(wrapped)
+        arch.lora_params = arch.trainable_params
+        first_layer = _layer_prefix(wrapped[0][0]) if wrapped else None
+        arch.lora_inputs = [(name.rsplit(".", 1)[-1], m.in_features) for name, m in wrapped
+                            if _layer_prefix(name) == first_layer]
+    return arch
+
+
+def _decoder_layers(model):
+    for module in model.modules():
+        if isinstance(module, __import__("torch").nn.ModuleList) and len(module) > 0:
+            return list(module)
+    return []
+
+
+def _layer_prefix(name: str) -> str:
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes per component
+# ---------------------------------------------------------------------------------------------
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes of one bitsandbytes 4-bit weight: packed uint8 data + quantization constants."""
+    packed = (numel + 1) // 2
+    blocks = -(-numel // NF4_BLOCKSIZE)
+    if not double_quant:
+        return packed + 4 * blocks + NF4_CODE_BYTES
+    nested = -(-blocks // NF4_NESTED_BLOCKSIZE)
+    return packed + blocks + 4 * nested + 256 * 4 + 4 + NF4_CODE_BYTES
+
+
+def optimizer_state_bytes(optim: str, shapes: list[tuple], param_bytes: int) -> int:
+    """Optimizer state bytes for trainable tensors of these shapes (states per TrainingArguments.optim)."""
+    kind, _ = OPTIMIZERS[optim]
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if kind == "adamw":
+            total += 2 * n * param_bytes                  # exp_avg, exp_avg_sq like the parameter
+        elif kind == "adamw32bit":
+            total += 8 * n                                # bnb 32-bit states are fp32
+        elif kind == "adamw8bit":
+            total += 8 * n if n < BNB8_MIN_SIZE else 2 * n + 2 * 4 * -(-n // BNB8_BLOCKSIZE)
+        elif kind == "adafactor":                         # factored second moment, no first moment
+            total += (sum(shape[:-1]) + shape[-1]) * param_bytes if len(shape) >= 2 else n * param_bytes
+    return total
+
+
+def layer_activation_bytes(arch: Architecture, s: Settings) -> tuple[float, int]:
+    """(bytes per token, bytes per layer independent of tokens) that autograd keeps for one decoder layer.
+
+    Read off the tensors transformers' Llama/Mistral block saves (checked against a saved-tensor hook
+    count in tests/test_memory.py). b = compute bytes (autocast dtype), b_res = residual stream bytes.
+      RMSNorm x2: fp32 upcast of its input (4h) + rsqrt (4); full FT also the normalized input (b_res*h)
+      sdpa: q, k, v, out in b + fp32 logsumexp per head; full FT: inputs of q/k/v, gate/up, down (b)
+      SwiGLU: gate, up and silu(gate) outputs (b_mlp each)
+      LoRA module with input d: dropout mask (CPU: fp32 noise 4d, CUDA: bool mask 1d), lora_A's input
+        (a bf16 cast under autocast: b*d), lora_A's output (b*r); autocast also keeps a b-byte copy of
+        every fp32 adapter weight (the per-layer constant).
+    QLoRA: prepare_model_for_kbit_training makes embeddings fp32, so the residual stream is fp32, and
+    bitsandbytes Linear4bit returns its input dtype, so the MLP tensors are fp32 too.
+    """
+    h, i, q, kv = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim
+    b = DTYPE_BYTES[s.dtype]
+    autocast = b < 4
+    b_res = 4 if s.method == "qlora" else b
+    b_mlp = b_res if s.method == "qlora" else b
+    per_token = 2 * (4 * h + 4) + 2 * b * q + 2 * b * kv + 4 * arch.heads + 3 * b_mlp * i
+    constant = 0
+    if s.method == "full":
+        per_token += 2 * b_res * h + 2 * b * h + b * i
+    else:
+        mask = (4 if s.device == "cpu" else 1) if s.lora_dropout > 0 else 0
+        shared_inputs = set()
+        for name, d in arch.lora_inputs:
+            group = LLAMA_GROUPS.get(name, name)
+            per_token += mask * d + b * s.lora_r
+            if autocast or s.lora_dropout > 0:
+                per_token += (b if autocast else 4) * d      # cast copy / dropout output, one per module
+            elif group == "attn_out":
+                pass                                          # the sdpa output, already kept
+            elif group not in shared_inputs:                  # fp32, no dropout: the shared input itself
+                shared_inputs.add(group)
+                per_token += 4 * d
+        if autocast:
+            constant += b * arch.lora_params // arch.layers
+    return per_token, constant
+
+
+def activation_bytes(arch: Architecture, s: Settings) -> dict:
+    """Activations kept through the forward pass, the logits peak, and the backward working set."""
+    tokens = s.batch_size * s.seq_len
+    b = DTYPE_BYTES[s.dtype]
+    b_res = 4 if s.method == "qlora" else b
+    per_token, constant = layer_activation_bytes(arch, s)
+    one_layer = int(per_token * tokens + constant)
+    if s.grad_ckpt:
+        kept = arch.layers * b_res * arch.hidden * tokens      # each checkpointed layer's input
+    else:
+        kept = arch.layers * one_layer
+    # after the last layer: final norm (+ lm_head input for full FT), labels, rope tables
+    rest = (4 * arch.hidden + 4 + 8) * tokens + 2 * 2 * s.seq_len * arch.head_dim * b_res
+    if s.method == "full":
+        rest += (b_res * arch.hidden + b * arch.hidden + 8) * tokens
+    if s.method == "qlora" and b < 4:
+        rest += b * arch.vocab * arch.hidden                  # autocast's copy of the fp32 lm_head
+    logits_saved = 4 * arch.vocab * tokens                     # fp32 log-softmax output
+    logits_peak = 12 * arch.vocab * tokens                     # + its gradient + the logits' gradient
+    # backward of one layer: gradients of its activations (about two hidden- and two MLP-sized fp32 tensors)
+    backward_working = 4 * (2 * arch.hidden + 2 * arch.intermediate) * tokens
+    return {"kept": kept + rest, "logits_saved": logits_saved, "logits_peak": logits_peak,
+            "recomputed_layer": one_layer if s.grad_ckpt else 0, "backward_working": backward_working,
+            "per_token_per_layer": per_token}
+
+
+def plan_bytes(arch: Architecture, s: Settings) -> dict:
+    """Bytes per component and the predicted peak for one configuration."""
+    s.check()
+    b = DTYPE_BYTES[s.dtype]
+    n, z = s.world_size, s.zero
+    base_params = arch.total_params - arch.lora_params
+    if s.method == "qlora":
+        quantized = sum(arch.quantizable)
+        weights = sum(nf4_bytes(k, s.double_quant) for k in arch.quantizable) + 4 * (base_params - quantized)
+    else:
+        weights = b * base_params
+    weights += 4 * arch.lora_params                            # peft keeps adapters in fp32
+    param_bytes = b if s.method == "full" else 4
+    gradients = param_bytes * arch.trainable_params
+    master = 4 * arch.trainable_params if (z >= 1 and param_bytes < 4) else 0
+    states_dtype = 4 if z >= 1 else param_bytes                # DeepSpeed steps on fp32 partitions
+    optimizer = optimizer_state_bytes(s.optim, arch.trainable_tensors, states_dtype)
+    paged = OPTIMIZERS[s.optim][1] and s.device == "cuda"
+    if z >= 1:
+        optimizer, master = optimizer // n, master // n
+    if z >= 2:
+        gradients = gradients // n + (4 * arch.trainable_params // n if param_bytes < 4 else 0)
+    zero3_gathered = 0
+    if z == 3:
+        weights = weights // n
+        zero3_gathered = 2 * b * arch.largest_layer_params     # a layer being used + the one prefetched
+    ddp_buckets = gradients if (n > 1 and z == 0) else 0       # DDP's flat gradient buckets
+    act = activation_bytes(arch, s)
+
+    on_device_optimizer = 0 if paged else optimizer
+    static = weights + master + on_device_optimizer + zero3_gathered
+    accumulated = gradients if s.gradient_accumulation_steps > 1 else 0
+    cpu_adam = s.device == "cpu"
+    optimizer_temp = 0 if (cpu_adam or OPTIMIZERS[s.optim][0] != "adamw") else 4 * arch.trainable_params // (n if z else 1)
+    phases = {
+        "forward_end": static + accumulated + act["kept"] + act["logits_peak"],
+        "backward_layer": static + accumulated + act["kept"] + act["recomputed_layer"] + act["backward_working"],
+        "backward_end": static + gradients + ddp_buckets + act["recomputed_layer"] + act["backward_working"],
+        "optimizer_step": static + gradients + ddp_buckets + optimizer_temp,
+    }
+    peak_phase = max(phases, key=phases.get)
+    tensors_peak = phases[peak_phase]
+    activations = act["kept"] + act["logits_saved"]
+    if s.device == "cuda":
+        peak = tensors_peak
+        overhead = CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * tensors_peak)
+        required = peak + overhead
+        measured_as = "torch.cuda.max_memory_allocated (tensors); required_bytes adds the CUDA context and allocator slack"
+    else:
+        cpu = cpu_rss_peak(arch, s, weights, tensors_peak - weights)
+        peak, overhead, required = cpu["peak"], CPU_BASELINE_BYTES, cpu["peak"]
+        measured_as = "process peak RSS (VmHWM), including the measured baseline of Python + libraries + data"
+    return {
+        "weights_bytes": int(weights), "gradients_bytes": int(gradients), "optimizer_bytes": int(optimizer),
+        "optimizer_paged": paged, "master_weights_bytes": int(master),
+        "activations_bytes": int(activations), "logits_bytes": int(act["logits_peak"]),
+        "activation_bytes_per_token_per_layer": round(act["per_token_per_layer"], 1),
+        "ddp_bucket_bytes": int(ddp_buckets), "zero3_gathered_bytes": int(zero3_gathered),
+        "overhead_bytes": int(overhead), "tensors_peak_bytes": int(tensors_peak), "peak_phase": peak_phase,
+        "peak_bytes": int(peak), "required_bytes": int(required), "peak_measured_as": measured_as,
+    }
+
+
+def cpu_rss_peak(arch: Architecture, s: Settings, weights: int, training_extra: int) -> dict:
+    """Peak RSS of a recipe process on CPU: baseline + max(loading, training)."""
+    # Loading: the safetensors file is memory-mapped (its pages count in RSS) while the weights are
+    # converted into the training dtype, so both are resident at the end of loading.
+    file_bytes = arch.checkpoint_dtype_bytes * (arch.total_params - arch.lora_params)
+    loading = file_bytes + weights
+    training = weights + CPU_ALLOCATOR_FACTOR * training_extra
+    return {"peak": int(CPU_BASELINE_BYTES + max(loading, training)), "loading": int(loading),
+            "training": int(training)}
+
+
+# ---------------------------------------------------------------------------------------------
+# One plan, and the recommendation
+# ---------------------------------------------------------------------------------------------
+def plan(model: str | None = None, settings: Settings | None = None, config=None, arch: Architecture | None = None,
+         **overrides) -> dict:
+    """Everything the CLI prints for one configuration. `overrides` are Settings fields."""
+    s = replace(settings or Settings(), **overrides)
+    s.check()
+    if arch is None:
+        arch = inspect_model(config if config is not None else load_config(model), s.method, s.lora_r,
+                             s.lora_targets, s.lora_dropout)
+    out = {"model": model, "settings": asdict(s), "total_params": arch.total_params,
+           "trainable_params": arch.trainable_params, "lora_modules": arch.lora_modules,
+           "trainable_percent": round(100 * arch.trainable_params / arch.total_params, 4)}
+    out.update(plan_bytes(arch, s))
+    return out
+
+
+SPEED_LADDER = [
+    # (what is added, the settings it changes) in order of what it costs in speed (cheapest first)
+    ("nothing", {}),
+    ("gradient checkpointing", {"grad_ckpt": True}),
+    ("8-bit AdamW", {"grad_ckpt": True, "optim": "adamw_bnb_8bit"}),
+    ("paged 8-bit AdamW", {"grad_ckpt": True, "optim": "paged_adamw_8bit"}),
+    ("QLoRA (4-bit base)", {"grad_ckpt": True, "optim": "paged_adamw_8bit", "method": "qlora"}),
+]
+
+
+def recommend(model: str | None, budget_bytes: int, settings: Settings | None = None, config=None,
+              methods: tuple[str, ...] | None = None, **overrides) -> dict:
+    """The fastest configuration that fits in `budget_bytes` (compared with `required_bytes`).
+
+    Keeps the model, sequence length, LoRA targets/rank, precision, world size and the effective batch
+    (micro-batch x accumulation); changes, in this order, only what costs speed: first a smaller
+    micro-batch with more accumulation, then gradient checkpointing, an 8-bit optimizer, a paged one
+    (CUDA), and last QLoRA. Returns {"fits": bool, "settings", "plan", "reason", "tried"}; with
+    fits=False the reason says what the smallest configuration needs.
+    """
+    base = replace(settings or Settings(), **overrides)
+    base.check()
+    effective = base.batch_size * base.gradient_accumulation_steps
+    if config is None:
+        config = load_config(model)
+    archs: dict[str, Architecture] = {}
+    tried, start = [], (methods or (base.method,))
+    ladder = []
+    for method in start:
+        for label, change in SPEED_LADDER:
+            change = {"method": method, **change}
+            if change["method"] == "qlora" and method == "full":
+                continue
+            if change.get("optim", "").startswith("paged_") and base.device == "cpu":
+                continue                                       # nothing to page on a CPU
+            if "optim" in change and base.optim != "adamw_torch" and OPTIMIZERS[base.optim][0] != "adamw":
+                change.pop("optim")                            # keep a non-AdamW optimizer the user chose
+            key = tuple(sorted(change.items()))
+            if key not in {tuple(sorted(c.items())) for _, c in ladder}:
+                ladder.append((label if method == base.method else f"{method} + {label}", change))
+    for label, change in ladder:
+        micro = effective
+        while micro >= 1:
+            s = replace(base, **change, batch_size=micro, gradient_accumulation_steps=-(-effective // micro))
+            if s.method not in archs:
+                archs[s.method] = inspect_model(config, s.method, s.lora_r, s.lora_targets, s.lora_dropout)
+            p = plan(model, s, arch=archs[s.method])
+            tried.append({"adds": label, "batch_size": micro, "required_gb": round(p["required_bytes"] / GB, 2)})
+            if p["required_bytes"] <= budget_bytes:
+                reason = (f"fastest configuration that fits {budget_bytes / GB:.1f} GiB: {s.method}, micro-batch "
+                          f"{micro} x {s.gradient_accumulation_steps} accumulation, "
+                          f"{'gradient checkpointing, ' if s.grad_ckpt else ''}{s.optim}; needs "
+                          f"{p['required_bytes'] / GB:.2f} GiB ({p['peak_phase']} is the peak). Adds {label}.")
+                if len(tried) > 1:
+                    reason += f" Rejected first: {tried[0]['adds']} at micro-batch {tried[0]['batch_size']} " \
+                              f"needs {tried[0]['required_gb']} GiB."
+                return {"fits": True, "settings": asdict(s), "plan": p, "reason": reason, "tried": tried}
+            micro = micro // 2 if micro > 1 else 0
+    smallest = min(tried, key=lambda t: t["required_gb"])
+    return {"fits": False, "settings": None, "plan": None, "tried": tried,
+            "reason": f"nothing fits {budget_bytes / GB:.1f} GiB: the smallest configuration ({smallest['adds']}, "
+                      f"micro-batch {smallest['batch_size']}) needs {smallest['required_gb']} GiB. Shorten "
+                      f"--seq_len, use fewer/smaller LoRA targets, more devices with --zero 3, or a bigger device."}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _fmt(n: int) -> str:
+    return f"{n / GB:8.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = Settings()
+    ap = argparse.ArgumentParser(prog="python -m common.memory", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)
+    ap.add_argument("--model", required=True, help="model folder, config.json, or asset:tiny / asset:smollm2")
+    ap.add_argument("--method", default=d.method, choices=["full", "lora", "qlora"])
+    ap.add_argument("--lora_r", type=int, default=d.lora_r)
+    ap.add_argument("--lora_targets", default=d.lora_targets, help="comma-separated Linear names, or all-linear")
+    ap.add_argument("--lora_dropout", type=float, default=d.lora_dropout)
+    ap.add_argument("--seq_len", type=int, default=d.seq_len, help="tokens per sequence (the recipes' max_length)")
+    ap.add_argument("--batch_size", type=int, default=d.batch_size, help="per-device micro-batch")
+    ap.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    ap.add_argument("--optim", default=d.optim, help=f"one of {', '.join(sorted(OPTIMIZERS))}")
+    ap.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPE_BYTES))
+    ap.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
+    ap.add_argument("--world_size", type=int, default=d.world_size)
+    ap.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3])
+    ap.add_argument("--device", default=d.device, choices=["cuda", "cpu"],
+                    help="cuda: predict torch.cuda.max_memory_allocated; cpu: predict the process peak RSS")
+    ap.add_argument("--no_double_quant", action="store_true", help="QLoRA without double quantization")
+    ap.add_argument("--budget_gb", type=float, help="memory budget per device in GiB (with --recommend)")
+    ap.add_argument("--recommend", action="store_true", help="propose the fastest configuration that fits --budget_gb")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args(argv)
+    s = Settings(method=a.method, lora_r=a.lora_r, lora_targets=a.lora_targets, lora_dropout=a.lora_dropout,
+                 seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
+                 optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, world_size=a.world_size, zero=a.zero,
+                 device=a.device, double_quant=not a.no_double_quant)
+    try:
+        if a.recommend:
+            if a.budget_gb is None:
+                raise PlanError("--recommend needs --budget_gb")
+            out = recommend(a.model, int(a.budget_gb * GB), s)
+            out["model"], out["budget_gb"] = a.model, a.budget_gb
+        else:
+            out = plan(a.model, s)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return 0 if (not a.recommend or out["fits"]) else 1
+    if a.recommend:
+        print(out["reason"])
+        for t in out["tried"]:
+            print(f"  tried: adds {t['adds']:<28} micro-batch {t['batch_size']:<4} needs {t['required_gb']:7.2f} GiB")
+        return 0 if out["fits"] else 1
+    print(f"{a.model}: {out['trainable_params']:,} trainable of {out['total_params']:,} parameters "
+          f"({out['trainable_percent']}%), {out['lora_modules']} LoRA modules")
+    for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "master_weights_bytes", "activations_bytes",
+                "logits_bytes", "overhead_bytes", "peak_bytes", "required_bytes"):
+        print(f"  {key[:-6]:<16}{_fmt(out[key])}")
+    print(f"  peak phase: {out['peak_phase']}; peak measured as {out['peak_measured_as']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Data-parallel QLoRA SFT (recipes/sft_multigpu_qlora.py) on every GPU of every node, or on NPROC CPU
+# processes (gloo) when there is no GPU. Uses torchrun, not `accelerate launch --cpu` (that one silently
+# starts a single process).
+#
+#   bash launch/multigpu_qlora.sh [--key value ...]     # extra flags go to the recipe
+#   NPROC=4 bash launch/multigpu_qlora.sh                # processes per node (default: visible GPUs, else 2)
+#   SHARDING=zero3 bash launch/multigpu_qlora.sh         # ddp (default) | fsdp (GPU) | zero2 | zero3 (CPU offload)
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/multigpu_qlora.sh   # node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/multigpu_qlora.sh   # node 1
+#   CONFIG=my.yaml PYTHON=/path/to/python               # another config / interpreter (default .venv/bin/python)
+#
+# Caught before training (exit 1 with the fix): fewer GPUs visible than NPROC; a world size other than
+# NPROC x NNODES; ranks reading different data; a model spread by device_map="auto"; bf16 on hardware
+# without it. Exit code: non-zero if any rank fails (torchrun stops the others).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  echo
+  echo "Recipe options (python recipes/sft_multigpu_qlora.py --help):"
+  exec "$PY" recipes/sft_multigpu_qlora.py --help
+fi
+
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+NPROC=${NPROC:-$([[ "$GPUS" -gt 0 ]] && echo "$GPUS" || echo 2)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+SHARDING=${SHARDING:-ddp}
+CONFIG=${CONFIG:-recipes/configs/sft_multigpu_qlora.yaml}
+
+if [[ "$GPUS" -gt 0 && "$NPROC" -gt "$GPUS" ]]; then
+  echo "multigpu_qlora.sh: NPROC=$NPROC but only $GPUS GPU(s) are visible (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})." >&2
+  echo "  Fix: NPROC=$GPUS, or request/expose more GPUs for this job." >&2
+  exit 1
+fi
+DEVICE=$([[ "$GPUS" -gt 0 ]] && echo cuda || echo cpu)
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+if [[ "$DEVICE" == cpu ]]; then
+  # split the cores between the processes instead of oversubscribing them
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+fi
+
+cmd=("$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC" --node_rank "$NODE_RANK"
+     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+     recipes/sft_multigpu_qlora.py --config "$CONFIG" --device "$DEVICE" --sharding "$SHARDING"
+     --expected_world_size $(( NPROC * NNODES )) "$@")
+echo "+ ${cmd[*]}" >&2
+exec "${cmd[@]}"

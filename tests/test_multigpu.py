@@ -1,0 +1,156 @@
+"""Data-parallel QLoRA through launch/multigpu_qlora.sh on CPU processes (gloo), sharding backends,
+a 2-node rendezvous on localhost, and every launch-time topology check."""
+import json
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from common import distributed as ddp
+from common.checks import CheckFailed
+from conftest import REPO, run
+
+LAUNCHER = ["bash", str(REPO / "launch" / "multigpu_qlora.sh")]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(tiny_dir, out, *extra, env=None):
+    env = {"MASTER_PORT": free_port(), **(env or {})}
+    return run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--precision", "fp32",
+                           "--max_steps", "3", "--logging_steps", "1", *extra], env=env)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mg") / "ddp"
+    proc = launch(tiny_dir, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_launcher_trains_qlora_with_world_size_2_and_ranks_agree(two_process_run):
+    out, proc = two_process_run
+    assert "--nproc_per_node 2" in proc.stderr and "--expected_world_size 2" in proc.stderr  # echoed command
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["method"] == "qlora" and m["sharding"] == "ddp"
+    assert (m["effective_batch_size"], m["gradient_accumulation_steps"]) == (16, 2)  # 16 = 4 x 2 x 2
+    assert m["replicas_in_sync"] and len(m["per_rank"]) == 2
+    r0, r1 = m["per_rank"]
+    assert r0["final_train_loss"] == r1["final_train_loss"] and r0["trainable_checksum"] == r1["trainable_checksum"]
+    assert r0["trained_tokens"] + r1["trained_tokens"] == m["trained_tokens"] == m["num_input_tokens_seen"]
+    assert m["eval_loss_before"] is None and m["eval_loss_after"] is not None  # 4-bit on CPU: no eval before
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "effective batch = 4 per device x 2 accumulation x 2 ranks = 16" in proc.stderr
+
+
+def test_global_batch_stays_constant_with_one_process(tiny_dir, tmp_path):
+    proc = launch(tiny_dir, tmp_path / "one", "--max_steps", "1", env={"NPROC": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert (m["world_size"], m["gradient_accumulation_steps"], m["effective_batch_size"]) == (1, 4, 16)
+
+
+def test_two_node_rendezvous_on_localhost(tiny_dir, tmp_path):
+    """Two launcher invocations (one process each) form one job; both ranks report the same loss."""
+    port = free_port()
+    env = {"NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(launch, tiny_dir, tmp_path / "two", env={**env, "NODE_RANK": str(r)}) for r in (0, 1)]
+        procs = [j.result() for j in jobs]
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-4000:]
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["replicas_in_sync"]
+    assert m["per_rank"][0]["final_train_loss"] == m["per_rank"][1]["final_train_loss"]
+
+
+@pytest.mark.parametrize("sharding", ["zero2", "zero3"])
+def test_deepspeed_zero_through_the_trainer_on_cpu(tiny_dir, tmp_path, sharding):
+    proc = launch(tiny_dir, tmp_path / sharding, "--method", "lora", "--max_steps", "2", env={"SHARDING": sharding})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / sharding / "metrics.json").read_text())
+    assert m["sharding"] == sharding and m["world_size"] == 2 and m["replicas_in_sync"]
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+
+
+def test_fsdp2_fully_shard_trains_over_gloo(tmp_path, tiny_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(REPO / "recipes" / "fsdp2_lora.py"), "--model_name_or_path", str(tiny_dir),
+           "--output_dir", str(tmp_path / "f"), "--expected_world_size", "2", "--device", "cpu"]
+    proc = run(cmd, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert m["sharded"] and sum(m["local_param_counts"]) == m["full_param_count"]  # each rank holds half
+    assert m["losses"][-1] < m["losses"][0] - 0.05
+
+
+# --- launch-time checks --------------------------------------------------------------------------
+def test_fsdp_through_the_trainer_on_cpu_is_refused(tiny_dir, tmp_path):
+    proc = launch(tiny_dir, tmp_path / "x", env={"SHARDING": "fsdp", "NPROC": "1"})
+    assert proc.returncode != 0 and "silently falls back to plain DDP" in proc.stderr
+    assert 'sft_multigpu_qlora.py", line' not in proc.stderr  # a clean message from the recipe, no traceback
+    assert not (tmp_path / "x").exists()
+
+
+def test_accelerate_cpu_num_processes_trap_is_caught(tiny_dir, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "recipes" / "sft_multigpu_qlora.py"), "--config", str(REPO / "recipes/configs/sft_multigpu_qlora.yaml"),
+           "--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path / "acc")]
+    proc = run(cmd)
+    assert proc.returncode != 0
+    assert "started ONE process" in proc.stderr and not (tmp_path / "acc").exists()
+
+
+def test_world_size_other_than_requested_is_caught(tiny_dir, tmp_path):
+    proc = run([sys.executable, str(REPO / "recipes" / "sft_multigpu_qlora.py"), "--config",
+                str(REPO / "recipes/configs/sft_multigpu_qlora.yaml"), "--model_name_or_path", str(tiny_dir),
+                "--output_dir", str(tmp_path / "w"), "--expected_world_size", "4"])
+    assert proc.returncode == 1 and "world size is 1 but 4 was requested" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
+
+
+def test_ranks_with_different_data_fail_on_every_node(tiny_dir, tmp_path):
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join((REPO / "data/persona/train.jsonl").read_text().splitlines(True)[:20]))
+    env = {"NNODES": "2", "NPROC": "1", "MASTER_PORT": free_port()}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(launch, tiny_dir, tmp_path / "d", "--dataset_path",
+                            str(REPO / "data/persona/train.jsonl") if r == 0 else str(short),
+                            env={**env, "NODE_RANK": str(r)}) for r in (0, 1)]
+        procs = [j.result() for j in jobs]
+    for p in procs:
+        assert p.returncode != 0  # the launcher exits non-zero when its rank fails
+        assert "ranks loaded different training data" in p.stderr and "rank 1: 20 examples" in p.stderr
+
+
+def test_gpus_visible_vs_requested(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(CheckFailed, match="4 processes per node need 4 GPUs but 1 are visible"):
+        ddp.check_gpus_visible(4, 0)
+    ddp.check_gpus_visible(1, 0)
+
+
+def test_quantized_model_on_another_device_or_spread_is_caught(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ddp.check_rank_placement(model, torch.device("cpu"))
+    with pytest.raises(CheckFailed, match=r"parameters on \['cpu'\] but this rank trains on cuda:1"):
+        ddp.check_rank_placement(model, torch.device("cuda", 1))
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+    with pytest.raises(CheckFailed, match=r"spread over \['0', '1'\].*device_map='auto' is naive model parallelism"):
+        ddp.check_rank_placement(model, torch.device("cpu"))
+
+
+def test_launcher_help_and_too_many_processes_for_gpus():
+    proc = run(LAUNCHER + ["--help"])
+    assert proc.returncode == 0 and "NNODES" in proc.stdout and "--global_batch_size" in proc.stdout

@@ -1,0 +1,181 @@
+"""recipes/ppo.py on the tiny model through its launcher (PPO; GRPO behind --algorithm), and the pad == EOS
+failure it guards against in TRL 1.12's PPO."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run
+
+LAUNCHER = ["bash", str(REPO / "launch" / "ppo.sh")]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tiny_dir, tmp_path_factory):
+    """A reward model with the tiny policy's tokenizer: the tiny Llama as a sequence classifier (random head)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("rm") / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(folder)
+    return folder
+
+
+def train(tiny_dir, reward_model, out, *extra):
+    return run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--reward_model_path", str(reward_model),
+                           "--output_dir", str(out), "--precision", "fp32", "--max_steps", "3",
+                           "--response_length", "8", "--learning_rate", "3e-3", *extra])
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tiny_dir, tiny_reward_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo") / "lora"
+    proc = train(tiny_dir, tiny_reward_model, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_run_directory_follows_the_contract(ppo_run):
+    out, proc = ppo_run
+    assert "recipes/ppo.py --config recipes/configs/ppo.yaml" in proc.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("train_mean_reward_first_steps", "train_mean_reward_last_steps", "heldout_mean_reward_start",
+                "heldout_mean_reward_end", "heldout_mean_length_start", "heldout_mean_length_end", "final_train_loss",
+                "wall_seconds", "peak_memory_bytes", "peak_memory_method", "trainable_params", "total_params",
+                "world_size", "device", "estimated_cost_usd"):
+        assert m[key] is not None, key
+    assert (m["algorithm"], m["method"], m["optimizer_steps"], m["world_size"]) == ("ppo", "lora", 3, 1)
+    # KL, mean reward and response length logged at every step
+    assert [s["step"] for s in m["steps"]] == [1, 2, 3]
+    for s in m["steps"]:
+        assert all(isinstance(s[k], float) for k in ("kl", "mean_reward", "response_length", "policy_loss", "value_loss"))
+        assert 1 <= s["response_length"] <= 8
+    assert m["steps"][0]["kl"] == 0.0  # the first rollout comes from the start policy == the reference
+    # the frozen models did not move: the reference (adapter disabled) and the reward model
+    assert m["reference_logps_max_abs_change"] == 0.0 and m["reward_max_abs_change"] == 0.0
+    assert m["value_trainable_params"] > 0 and m["pad_token_changed"] is None  # the tiny tokenizer pads with <|pad|>
+    gens = json.loads((out / "generations.json").read_text())
+    assert len(gens["prompts"]) == len(gens["start"]) == len(gens["end"]) == 24
+    assert {"response", "reward", "tokens"} <= set(gens["start"][0]) and gens["start"][0]["tokens"] <= 8
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lora_policy_trained_base_untouched(ppo_run, tiny_dir):
+    out, _ = ppo_run
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert len(lora_b) == 14 and all(v.abs().sum() > 0 for v in lora_b)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out / "adapter")
+    original = load_file(tiny_dir / "model.safetensors")
+    for name, p in model.base_model.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, original[name.replace(".base_layer", "")]), name
+
+
+@pytest.mark.slow
+def test_grpo_with_the_reward_model(tiny_dir, tiny_reward_model, tmp_path):
+    out = tmp_path / "grpo"
+    proc = train(tiny_dir, tiny_reward_model, out, "--algorithm", "grpo", "--ppo_epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["algorithm"] == "grpo" and [s["step"] for s in m["steps"]] == [1, 2, 3]
+    assert all(s["kl"] is not None and s["response_length"] is not None for s in m["steps"])
+    assert m["reference_logps_max_abs_change"] == 0.0
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_programmatic_reward_needs_grpo(tmp_path):
+    proc = run(LAUNCHER + ["--reward", "concise", "--output_dir", str(tmp_path)])
+    assert proc.returncode == 1 and "use --algorithm grpo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_concise_reward():
+    from recipes.ppo import concise_reward
+
+    assert concise_reward("Paris is the capital of France.", True, 20) == 1.0
+    assert concise_reward(" ".join(["word"] * 30), True, 20) == 0.5
+    assert concise_reward(" ".join(["word"] * 50), True, 20) == 0.0
+    assert concise_reward("Paris", False, 20) == -1.0
+
+
+# ---------------------------------------------------------------- pad token == EOS (CHRONICLES: pad token == EOS in a reward model or PPO)
+
+def test_pad_equal_to_eos_breaks_trl_ppo_scoring_and_a_distinct_pad_fixes_it(tiny_dir):
+    """With pad == EOS (SmolLM2 ships it), TRL 1.12's PPO masks every EOS inside the prompt out of attention and
+    reads the reward one token *before* the response's EOS, while the reward model was trained reading it at
+    the last non-pad token. `use_distinct_pad_token` makes every reader agree."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.utils import get_reward
+
+    from common.preference import prompt_ids, reward_scores, use_distinct_pad_token
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    eos = tok.eos_token_id
+    query = prompt_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    assert eos in query  # ChatML: the user turn ends with <|im_end|>
+    response = tok("Paris.", add_special_tokens=False)["input_ids"] + [eos]
+
+    def trl_reads(pad_id):
+        model.config.pad_token_id = pad_id
+        seq = torch.tensor([query + response + [pad_id] * 3])
+        with torch.no_grad():
+            _, score, index = get_reward(model, seq, pad_id, len(query))
+        return seq, float(score), int(index)
+
+    tok.pad_token = tok.eos_token  # the SmolLM2 situation
+    seq, _, index = trl_reads(tok.pad_token_id)
+    assert index == len(query) + len(response) - 2  # the token before EOS
+    assert not (seq[0, :len(query)] != tok.pad_token_id).all()  # the prompt's <|im_end|> is masked as padding
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.pad_token = tok.eos_token
+    assert use_distinct_pad_token(tok, model) is not None and tok.pad_token_id != eos
+    seq, score, index = trl_reads(tok.pad_token_id)
+    assert index == len(query) + len(response) - 1  # the EOS itself
+    assert (seq[0, :len(query) + len(response)] != tok.pad_token_id).all()
+    # ... and the sequence-classification pooling used in reward training reads the same token
+    assert float(reward_scores(model, tok.pad_token_id, [query + response])[0]) == pytest.approx(score, abs=1e-5)
+
+
+# ---------------------------------------------------------------- TRL version and GRPO failure modes
+
+def test_ppo_trainer_outside_trl_1_12_is_named(monkeypatch):
+    """`from trl import PPOTrainer` fails on TRL 1.x (it lives in trl.experimental.ppo, removed in 1.13.0);
+    the recipe turns a missing module into one line that names the pin."""
+    import sys
+
+    from common.checks import CheckFailed
+    from recipes.ppo import import_ppo
+
+    with pytest.raises(ImportError, match="cannot import name 'PPOTrainer' from 'trl'"):
+        from trl import PPOTrainer  # noqa: F401
+    PPOConfig, trainer_class = import_ppo()
+    assert trainer_class.__mro__[1].__name__ == "PPOTrainer"
+    monkeypatch.setitem(sys.modules, "trl.experimental.ppo", None)  # what TRL >= 1.13 looks like
+    monkeypatch.setitem(sys.modules, "trl.experimental.ppo.ppo_trainer", None)
+    with pytest.raises(CheckFailed, match=r"removed in 1\.13\.0\. Install trl==1\.12\.0"):
+        import_ppo()
+
+
+@pytest.mark.slow
+def test_grpo_without_reward_spread_trains_nothing_and_says_so(tiny_dir, tiny_reward_model, tmp_path):
+    """The tiny model never emits EOS within 8 tokens: every completion gets the concise reward -1, every group
+    has zero spread, every advantage is 0. TRL trains nothing without a word; the recipe flags it."""
+    out = tmp_path / "grpo"
+    proc = train(tiny_dir, tiny_reward_model, out, "--algorithm", "grpo", "--reward", "concise", "--max_steps", "2",
+                 "--ppo_epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["grpo_no_learning_signal"] is True and "GRPO had no learning signal" in proc.stderr
+    assert all(s["mean_reward"] == -1.0 and s["frac_reward_zero_std"] == 1.0 for s in m["steps"])
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(v.abs().sum() == 0 for k, v in adapter.items() if "lora_B" in k)  # still at LoRA's zero init
