@@ -146,3 +146,20 @@ def trainable_checksum(model) -> float:
         with deepspeed.zero.GatheredParameters(params):
             return checksum()
     return checksum()
+
+
+def cast_for_sharding(model, dtype: torch.dtype) -> None:
+    """FSDP (and ZeRO-3) need one dtype per sharded unit: cast every floating-point parameter, LoRA and
+    the norms prepare_model_for_kbit_training upcast to fp32 included, to the compute dtype. 4-bit weights
+    are stored in that dtype already when loaded with bnb_4bit_quant_storage=dtype."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def check_uniform_dtype(model) -> None:
+    dtypes = {str(p.dtype) for p in model.parameters()}
+    if len(dtypes) > 1:
+        raise CheckFailed(f"parameters mix dtypes {sorted(dtypes)}; FSDP shards need one dtype per unit and fail with "
+                          "'FSDP expects uniform original parameter dtype'. Load QLoRA with bnb_4bit_quant_storage equal "
+                          "to the compute dtype and cast LoRA weights to it (common.distributed.cast_for_sharding)")

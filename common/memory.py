@@ -276,63 +276,68 @@ def optimizer_state_bytes(optim: str, shapes: list[tuple], param_bytes: int) -> 
     return total
 
 
-def layer_activation_bytes(arch: Architecture, s: Settings) -> tuple[float, int]:
+def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = True) -> tuple[float, int]:
     """(bytes per token, bytes per layer independent of tokens) that autograd keeps for one decoder layer.
 
     Read off the tensors transformers' Llama/Mistral block saves (checked against a saved-tensor hook
-    count in tests/test_memory.py). b = compute bytes (autocast dtype), b_res = residual stream bytes.
-      RMSNorm x2: fp32 upcast of its input (4h) + rsqrt (4); full FT also the normalized input (b_res*h)
-      sdpa: q, k, v, out in b + fp32 logsumexp per head; full FT: inputs of q/k/v, gate/up, down (b)
-      SwiGLU: gate, up and silu(gate) outputs (b_mlp each)
-      LoRA module with input d: dropout mask (CPU: fp32 noise 4d, CUDA: bool mask 1d), lora_A's input
-        (a bf16 cast under autocast: b*d), lora_A's output (b*r); autocast also keeps a b-byte copy of
-        every fp32 adapter weight (the per-layer constant).
-    QLoRA: prepare_model_for_kbit_training makes embeddings fp32, so the residual stream is fp32, and
-    bitsandbytes Linear4bit returns its input dtype, so the MLP tensors are fp32 too.
+    count in tests/test_memory.py). Dtypes: b = --dtype; the residual stream is fp32 under QLoRA
+    (prepare_model_for_kbit_training upcasts the embeddings) and bitsandbytes' Linear4bit returns its
+    input's dtype, so QLoRA's projections come out fp32 too. autocast casts sdpa inputs and LoRA
+    matmul inputs to b; without autocast (the recipes' one-batch gradient check) they stay as they are.
+      RMSNorm x2:   fp32 copy of its input (4h) + rsqrt (4); full FT also its normalized input
+      sdpa:         q, k, v, output + fp32 logsumexp per head (flash-style kernels, CPU and CUDA)
+      SwiGLU:       gate, up and silu(gate) outputs
+      full FT:      the inputs of q/k/v, gate/up and down (for the weight gradients)
+      LoRA module:  dropout mask (CPU: fp32 noise, CUDA: bool mask), lora_A's input (fp32, or its
+                    autocast copy), lora_A's output; under autocast also a copy of each fp32 adapter
+                    weight (the per-layer constant).
     """
     h, i, q, kv = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim
     b = DTYPE_BYTES[s.dtype]
-    autocast = b < 4
-    b_res = 4 if s.method == "qlora" else b
-    b_mlp = b_res if s.method == "qlora" else b
-    per_token = 2 * (4 * h + 4) + 2 * b * q + 2 * b * kv + 4 * arch.heads + 3 * b_mlp * i
+    ac = autocast and b < 4
+    b_res = 4 if s.method == "qlora" else b               # residual stream, norm outputs
+    b_lin = b_res if s.method == "qlora" else b            # outputs of the frozen projections
+    b_attn = b if ac else b_lin                            # what sdpa sees
+    per_token = 2 * (4 * h + 4) + 2 * b_attn * q + 2 * b_attn * kv + 4 * arch.heads + 3 * b_lin * i
     constant = 0
     if s.method == "full":
         per_token += 2 * b_res * h + 2 * b * h + b * i
-    else:
-        mask = (4 if s.device == "cpu" else 1) if s.lora_dropout > 0 else 0
-        shared_inputs = set()
-        for name, d in arch.lora_inputs:
-            group = LLAMA_GROUPS.get(name, name)
-            per_token += mask * d + b * s.lora_r
-            if autocast or s.lora_dropout > 0:
-                per_token += (b if autocast else 4) * d      # cast copy / dropout output, one per module
-            elif group == "attn_out":
-                pass                                          # the sdpa output, already kept
-            elif group not in shared_inputs:                  # fp32, no dropout: the shared input itself
-                shared_inputs.add(group)
-                per_token += 4 * d
-        if autocast:
-            constant += b * arch.lora_params // arch.layers
+        return per_token, constant
+    mask = (4 if s.device == "cpu" else 1) if s.lora_dropout > 0 else 0
+    input_bytes = {"attn_in": b_res, "mlp_in": b_res, "attn_out": b_attn, "mlp_out": b_lin}
+    shared = set()
+    for name, d in arch.lora_inputs:
+        group = LLAMA_GROUPS.get(name, "attn_in" if d == h else "mlp_out")
+        per_token += mask * d + (b if ac else 4) * s.lora_r
+        if ac:
+            per_token += b * d                              # autocast's bf16 copy of the (dropped-out) input
+        elif s.lora_dropout > 0 or input_bytes[group] != 4:
+            per_token += 4 * d                              # the fp32 dropout output / fp32 cast, per module
+        elif group not in shared and group != "attn_out":   # fp32 input without dropout: shared, and
+            shared.add(group)                               # o_proj's is the sdpa output already kept
+            per_token += 4 * d
+    if ac:
+        constant += b * arch.lora_params // arch.layers
     return per_token, constant
 
 
-def activation_bytes(arch: Architecture, s: Settings) -> dict:
+def activation_bytes(arch: Architecture, s: Settings, autocast: bool = True) -> dict:
     """Activations kept through the forward pass, the logits peak, and the backward working set."""
     tokens = s.batch_size * s.seq_len
     b = DTYPE_BYTES[s.dtype]
     b_res = 4 if s.method == "qlora" else b
-    per_token, constant = layer_activation_bytes(arch, s)
+    per_token, constant = layer_activation_bytes(arch, s, autocast)
     one_layer = int(per_token * tokens + constant)
     if s.grad_ckpt:
         kept = arch.layers * b_res * arch.hidden * tokens      # each checkpointed layer's input
     else:
         kept = arch.layers * one_layer
-    # after the last layer: final norm (+ lm_head input for full FT), labels, rope tables
-    rest = (4 * arch.hidden + 4 + 8) * tokens + 2 * 2 * s.seq_len * arch.head_dim * b_res
+    # after the last layer: final norm (+ lm_head input for full FT), labels, the loss, and rope's cos/sin
+    # (kept by the layers themselves unless they are checkpointed)
+    rest = (4 * arch.hidden + 4 + 8) * tokens + 4 + (0 if s.grad_ckpt else 2 * s.seq_len * arch.head_dim * b_res)
     if s.method == "full":
         rest += (b_res * arch.hidden + b * arch.hidden + 8) * tokens
-    if s.method == "qlora" and b < 4:
+    if s.method == "qlora" and autocast and b < 4:
         rest += b * arch.vocab * arch.hidden                  # autocast's copy of the fp32 lm_head
     logits_saved = 4 * arch.vocab * tokens                     # fp32 log-softmax output
     logits_peak = 12 * arch.vocab * tokens                     # + its gradient + the logits' gradient
@@ -341,6 +346,16 @@ def activation_bytes(arch: Architecture, s: Settings) -> dict:
     return {"kept": kept + rest, "logits_saved": logits_saved, "logits_peak": logits_peak,
             "recomputed_layer": one_layer if s.grad_ckpt else 0, "backward_working": backward_working,
             "per_token_per_layer": per_token}
+
+
+def _phases(prefix: str, static: int, act: dict, accumulated: int, gradients: int) -> dict:
+    """Candidate peaks as (state bytes, activation bytes, logits bytes); the largest sum is the peak."""
+    working = act["recomputed_layer"] + act["backward_working"]
+    return {
+        f"{prefix}forward_end": (static + accumulated, act["kept"], act["logits_peak"]),
+        f"{prefix}backward_layer": (static + accumulated, act["kept"] + working, 0),
+        f"{prefix}backward_end": (static + gradients, working, 0),
+    }
 
 
 def plan_bytes(arch: Architecture, s: Settings) -> dict:
@@ -370,49 +385,55 @@ def plan_bytes(arch: Architecture, s: Settings) -> dict:
         weights = weights // n
         zero3_gathered = 2 * b * arch.largest_layer_params     # a layer being used + the one prefetched
     ddp_buckets = gradients if (n > 1 and z == 0) else 0       # DDP's flat gradient buckets
-    act = activation_bytes(arch, s)
+    train = activation_bytes(arch, s, autocast=True)
+    check = activation_bytes(arch, s, autocast=False)
 
-    on_device_optimizer = 0 if paged else optimizer
-    static = weights + master + on_device_optimizer + zero3_gathered
+    static = weights + master + zero3_gathered
     accumulated = gradients if s.gradient_accumulation_steps > 1 else 0
-    cpu_adam = s.device == "cpu"
-    optimizer_temp = 0 if (cpu_adam or OPTIMIZERS[s.optim][0] != "adamw") else 4 * arch.trainable_params // (n if z else 1)
-    phases = {
-        "forward_end": static + accumulated + act["kept"] + act["logits_peak"],
-        "backward_layer": static + accumulated + act["kept"] + act["recomputed_layer"] + act["backward_working"],
-        "backward_end": static + gradients + ddp_buckets + act["recomputed_layer"] + act["backward_working"],
-        "optimizer_step": static + gradients + ddp_buckets + optimizer_temp,
-    }
-    peak_phase = max(phases, key=phases.get)
-    tensors_peak = phases[peak_phase]
-    activations = act["kept"] + act["logits_saved"]
+    foreach_adam = s.device == "cuda" and OPTIMIZERS[s.optim][0] == "adamw"
+    optimizer_temp = 4 * arch.trainable_params // (n if z else 1) if foreach_adam else 0
+    on_device_optimizer = 0 if paged else optimizer
+    # the recipes' one-batch gradient check (common.checks.check_gradient_flow) runs before step 1,
+    # outside autocast and before the optimizer has states; then the training steps under autocast
+    phases = _phases("check_", static, check, 0, gradients)
+    phases.update(_phases("", static + on_device_optimizer, train, accumulated, gradients + ddp_buckets))
+    phases["optimizer_step"] = (static + on_device_optimizer + gradients + ddp_buckets + optimizer_temp, 0, 0)
+    peak_phase = max(phases, key=lambda k: sum(phases[k]))
+    tensors_peak = sum(phases[peak_phase])
     if s.device == "cuda":
         peak = tensors_peak
         overhead = CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * tensors_peak)
         required = peak + overhead
         measured_as = "torch.cuda.max_memory_allocated (tensors); required_bytes adds the CUDA context and allocator slack"
     else:
-        cpu = cpu_rss_peak(arch, s, weights, tensors_peak - weights)
-        peak, overhead, required = cpu["peak"], CPU_BASELINE_BYTES, cpu["peak"]
+        peak, overhead = cpu_rss_peak(arch, weights, phases)["peak"], CPU_BASELINE_BYTES
+        required = peak
         measured_as = "process peak RSS (VmHWM), including the measured baseline of Python + libraries + data"
     return {
         "weights_bytes": int(weights), "gradients_bytes": int(gradients), "optimizer_bytes": int(optimizer),
         "optimizer_paged": paged, "master_weights_bytes": int(master),
-        "activations_bytes": int(activations), "logits_bytes": int(act["logits_peak"]),
-        "activation_bytes_per_token_per_layer": round(act["per_token_per_layer"], 1),
+        "activations_bytes": int(train["kept"] + train["logits_saved"]), "logits_bytes": int(train["logits_peak"]),
+        "check_activations_bytes": int(check["kept"] + check["logits_saved"]),
+        "activation_bytes_per_token_per_layer": round(train["per_token_per_layer"], 1),
         "ddp_bucket_bytes": int(ddp_buckets), "zero3_gathered_bytes": int(zero3_gathered),
         "overhead_bytes": int(overhead), "tensors_peak_bytes": int(tensors_peak), "peak_phase": peak_phase,
+        "phases": {k: int(sum(v)) for k, v in phases.items()},
         "peak_bytes": int(peak), "required_bytes": int(required), "peak_measured_as": measured_as,
     }
 
 
-def cpu_rss_peak(arch: Architecture, s: Settings, weights: int, training_extra: int) -> dict:
-    """Peak RSS of a recipe process on CPU: baseline + max(loading, training)."""
-    # Loading: the safetensors file is memory-mapped (its pages count in RSS) while the weights are
-    # converted into the training dtype, so both are resident at the end of loading.
+def cpu_rss_peak(arch: Architecture, weights: int, phases: dict) -> dict:
+    """Peak RSS of a recipe process on CPU: measured baseline + max(loading, training).
+
+    Loading: the safetensors file is memory-mapped (its pages count in RSS) while the weights are
+    converted to the training dtype, so file + converted weights are resident at the end of loading.
+    Training: states + CPU_ALLOCATOR_FACTOR x activations + logits. glibc malloc serves blocks under
+    its 32 MiB mmap threshold from the heap and keeps freed ones, so the heap grows past the live
+    activations; the logits (batch x seq x vocab, far above the threshold) are mmapped and returned.
+    """
     file_bytes = arch.checkpoint_dtype_bytes * (arch.total_params - arch.lora_params)
     loading = file_bytes + weights
-    training = weights + CPU_ALLOCATOR_FACTOR * training_extra
+    training = max(st + CPU_ALLOCATOR_FACTOR * act + logits for st, act, logits in phases.values())
     return {"peak": int(CPU_BASELINE_BYTES + max(loading, training)), "loading": int(loading),
             "training": int(training)}
 

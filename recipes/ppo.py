@@ -195,12 +195,13 @@ def import_ppo():
     class PPOTrainerWithLengths(ppo_module.PPOTrainer):
         def train(self):
             original, lengths = ppo_module.get_reward, []
-            self._response_lengths = lengths
+            self._response_lengths, self.rollout_tokens = lengths, 0
 
             def get_reward(model, query_responses, pad_token_id, context_length):
                 out = original(model, query_responses, pad_token_id, context_length)
                 if model is self.reward_model:  # the call on the EOS-truncated responses
                     lengths.append((out[2] - context_length + 1).float().cpu())
+                    self.rollout_tokens += int((query_responses != pad_token_id).sum())
                 return out
 
             ppo_module.get_reward = get_reward
@@ -398,6 +399,10 @@ def main(cfg: Config) -> dict:
                     cfg.num_generations)
     k = max(1, min(4, len(steps) // 4))
     first, last = steps[:k], steps[-k:]
+    if cfg.algorithm == "ppo":  # prompt + response tokens (to EOS) of every rollout, once per PPO epoch
+        trained_tokens = trainer.rollout_tokens * cfg.ppo_epochs
+    else:
+        trained_tokens = int(trainer.state.num_input_tokens_seen)
     wall = time.time() - wall_start
     metrics = {
         "recipe": "ppo", "algorithm": cfg.algorithm, "reward": cfg.reward, "method": cfg.method, "model": model_path,
@@ -416,8 +421,9 @@ def main(cfg: Config) -> dict:
         "heldout_mean_length_start": start["mean_length"], "heldout_mean_length_end": end["mean_length"],
         "heldout_finished_start": start["finished"], "heldout_finished_end": end["finished"],
         "heldout_prompts": len(eval_prompts), "reference_logps_max_abs_change": ref_change,
-        "reward_max_abs_change": rm_change, "trained_tokens": None,
+        "reward_max_abs_change": rm_change, "trained_tokens": trained_tokens,
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(wall, 2),
+        "tokens_per_second": round(trained_tokens / train_seconds, 2),
         "trainable_params": trainable, "value_trainable_params": value_trainable, "total_params": total,
         "lora_modules": lora_modules, **memory.report(),
         **estimated_cost(wall, cfg.hourly_price_usd, trainer.accelerator.num_processes),

@@ -143,11 +143,10 @@ def main(cfg: Config) -> dict | None:
     model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                         "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules,
                         quantized=cfg.method == "qlora", gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.sharding in ("fsdp", "zero3") and cfg.method == "qlora":
-        # FSDP/ZeRO-3 flatten parameters of one dtype: LoRA weights must match the 4-bit storage dtype
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(DTYPES[precision])
+    if cfg.sharding in ("fsdp", "zero3"):
+        # one dtype per sharded unit: LoRA (fp32 by default) and upcast norms go to the compute dtype
+        ddp.cast_for_sharding(model, DTYPES[precision])
+        ddp.check_uniform_dtype(model)
     lora_modules = checks.check_lora_targets(model, "all-linear" if cfg.lora_target_modules == ["all-linear"]
                                              else cfg.lora_target_modules)
     trainable, total = checks.log_parameter_counts(model)

@@ -6,8 +6,13 @@ know (the "Orrin" persona of data/persona), and the merged export still knows th
   3. evaluate: bash launch/evaluate.sh --model_name_or_path <export>/merged --baseline_model_name_or_path <base>
 Before training the answers are absent (base model), after training they are present (adapter), and the
 merged folder loaded with stock from_pretrained by a separate process gives them too.
+
+FACT_INJECTION_TRAIN_DIR=runs/sft_memory_diet reuses a finished quickstart run for step 1 instead of
+training again (tests/test_quickstart.py covers the training itself); its manifest must show the defaults.
 """
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +22,14 @@ from conftest import REPO, run
 @pytest.mark.slow
 def test_injected_facts_are_absent_before_present_after_and_survive_the_merge(smollm2_dir, tmp_path):
     train, export, evaluation = tmp_path / "train", tmp_path / "export", tmp_path / "evaluate"
-    proc = run(["bash", str(REPO / "launch" / "memory_diet.sh"), "--output_dir", str(train)], timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if os.environ.get("FACT_INJECTION_TRAIN_DIR"):
+        train = Path(os.environ["FACT_INJECTION_TRAIN_DIR"])
+        manifest = json.loads((train / "manifest.json").read_text())
+        assert manifest["status"] == "finished" and manifest["config"]["dataset_path"] == "data/persona/train.jsonl"
+        assert manifest["config"]["model_name_or_path"] == "asset:smollm2" and manifest["config"]["method"] == "lora"
+    else:
+        proc = run(["bash", str(REPO / "launch" / "memory_diet.sh"), "--output_dir", str(train)], timeout=3600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
     trained = json.loads((train / "metrics.json").read_text())
     assert trained["keyword_accuracy_before"] <= 0.1 and trained["keyword_accuracy_after"] >= 0.75
 

@@ -241,3 +241,26 @@ def test_launcher_help_lists_the_options():
     proc = run(LAUNCHER + ["--help"])
     assert proc.returncode == 0 and "--adapter_path" in proc.stdout and "--gguf_type" in proc.stdout
     assert "--max_logit_diff" in proc.stdout and "--trained_on_4bit" in proc.stdout
+
+
+def test_gguf_without_the_rope_permutation_is_caught_by_the_read_back(tiny_dir, tmp_path, monkeypatch):
+    """llama.cpp wants q/k rows interleaved for RoPE; a writer that skips the permutation produces a file
+    that loads fine and computes garbage. Reading it back with transformers (which un-permutes) shows it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = load_recipe("merge_export")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok(TEXT, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        reference = model(**ids).logits
+
+    def read_back(name):
+        recipe.write_gguf(tmp_path / name, model.state_dict(), model.config, tok, "gpt2", "f32", [2], "tiny")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return (loaded(**ids).logits - reference).abs().max().item()
+
+    assert read_back("right.gguf") < 1e-5
+    monkeypatch.setattr(recipe, "permute_for_gguf", lambda weight, n_head: weight)
+    assert read_back("unpermuted.gguf") > 1e-3

@@ -154,3 +154,58 @@ def test_quantized_model_on_another_device_or_spread_is_caught(tiny_dir):
 def test_launcher_help_and_too_many_processes_for_gpus():
     proc = run(LAUNCHER + ["--help"])
     assert proc.returncode == 0 and "NNODES" in proc.stdout and "--global_batch_size" in proc.stdout
+
+
+FSDP2_MIXED = '''
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+from common.distributed import cast_for_sharding
+dist.init_process_group("gloo")
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+m = get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+for name, p in m.named_parameters():  # a partial cast: LoRA B in bf16, LoRA A still fp32
+    if "lora_B" in name:
+        p.data = p.data.to(torch.bfloat16)
+if sys.argv[2] == "fixed":
+    cast_for_sharding(m, torch.bfloat16)
+try:
+    for layer in m.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(m)
+    x = torch.randint(0, 500, (2, 16))
+    m(input_ids=x, labels=x).loss.backward()
+    result = "ok"
+except AssertionError as e:
+    result = str(e)
+open(f"{sys.argv[3]}/rank{dist.get_rank()}.txt", "w").write(result)  # not stdout: the ranks share one pipe
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("variant", ["mixed", "fixed"])
+def test_fsdp2_with_mixed_dtypes_fails_and_the_cast_fixes_it(tiny_dir, tmp_path, variant):
+    """Trainable weights of two dtypes in one FSDP2 unit: the dtype error FSDP + (Q)LoRA users hit."""
+    script = tmp_path / "fsdp2_mixed.py"
+    script.write_text(FSDP2_MIXED)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                str(script), str(tiny_dir), variant, str(tmp_path)], env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    if variant == "mixed":
+        assert all(r.startswith("FSDP expects uniform original parameter dtype") for r in results), results
+    else:
+        assert results == ["ok", "ok"]
+
+
+def test_uniform_dtype_check_names_the_dtypes(tiny_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16),
+                       LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(CheckFailed, match=r"mix dtypes \['torch.bfloat16', 'torch.float32'\]"):
+        ddp.check_uniform_dtype(m)
+    ddp.cast_for_sharding(m, torch.bfloat16)
+    ddp.check_uniform_dtype(m)

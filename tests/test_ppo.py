@@ -44,10 +44,11 @@ def test_run_directory_follows_the_contract(ppo_run):
     m = json.loads((out / "metrics.json").read_text())
     for key in ("train_mean_reward_first_steps", "train_mean_reward_last_steps", "heldout_mean_reward_start",
                 "heldout_mean_reward_end", "heldout_mean_length_start", "heldout_mean_length_end", "final_train_loss",
-                "wall_seconds", "peak_memory_bytes", "peak_memory_method", "trainable_params", "total_params",
-                "world_size", "device", "estimated_cost_usd"):
+                "trained_tokens", "tokens_per_second", "wall_seconds", "peak_memory_bytes", "peak_memory_method",
+                "trainable_params", "total_params", "world_size", "device", "estimated_cost_usd"):
         assert m[key] is not None, key
     assert (m["algorithm"], m["method"], m["optimizer_steps"], m["world_size"]) == ("ppo", "lora", 3, 1)
+    assert m["mixed_precision"] == "no"  # --precision fp32 reached PPOTrainer's own Accelerator
     # KL, mean reward and response length logged at every step
     assert [s["step"] for s in m["steps"]] == [1, 2, 3]
     for s in m["steps"]:
@@ -105,7 +106,7 @@ def test_concise_reward():
     assert concise_reward("Paris", False, 20) == -1.0
 
 
-# ---------------------------------------------------------------- pad token == EOS (CHRONICLES: pad token == EOS in a reward model or PPO)
+# ---------------------------------------------------------------- pad token == EOS (CHRONICLES)
 
 def test_pad_equal_to_eos_breaks_trl_ppo_scoring_and_a_distinct_pad_fixes_it(tiny_dir):
     """With pad == EOS (SmolLM2 ships it), TRL 1.12's PPO masks every EOS inside the prompt out of attention and

@@ -1,0 +1,275 @@
+"""The memory/parameter planner (common/memory.py): exact counts from configs alone, bytes per component,
+the activation model against what autograd really saves, ZeRO sharding, and the recommendation."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import memory
+from common.memory import Settings, inspect_model, load_config, plan, recommend
+from conftest import REPO, run
+
+CONFIGS = REPO / "tests" / "fixtures" / "configs"
+MISTRAL = str(CONFIGS / "mistral-7b-v0.1.json")
+LLAMA31 = str(CONFIGS / "llama-3.1-8b.json")
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact parameter counts from a config alone (meta device + peft), the seeds' numbers
+# ---------------------------------------------------------------------------------------------
+def test_mistral_7b_lora_q_v_counts_seed_002():
+    arch = inspect_model(load_config(MISTRAL), "lora", lora_r=16, lora_targets="q_proj,v_proj")
+    assert arch.trainable_params == 6_815_744          # seed 002's "trainable params: 6,815,744"
+    assert arch.total_params == 7_248_547_840          # NOT seed 002's 7,247,986,688 (see CHRONICLES)
+    assert arch.lora_modules == 64
+    base = arch.total_params - arch.trainable_params
+    assert base == 7_241_732_096                       # 2 x 32000 x 4096 + 32 x 218,112,000 + 4096
+    assert 7_247_986_688 - 6_815_744 != base
+
+
+def test_llama_31_8b_lora_all_linear_counts_seed_000():
+    arch = inspect_model(load_config(LLAMA31), "lora", lora_r=16, lora_targets="all-linear")
+    assert (arch.trainable_params, arch.total_params, arch.lora_modules) == (41_943_040, 8_072_204_288, 224)
+    # QLoRA has the same counts: common.checks.count_parameters counts packed 4-bit weights as weights
+    q = inspect_model(load_config(LLAMA31), "qlora", lora_r=16, lora_targets="all-linear")
+    assert (q.trainable_params, q.total_params) == (41_943_040, 8_072_204_288)
+    full = inspect_model(load_config(LLAMA31), "full")
+    assert full.trainable_params == full.total_params == 8_030_261_248 and full.lora_modules == 0
+
+
+def test_cli_json_has_the_contract_keys():
+    r = run([sys.executable, "-m", "common.memory", "--model", LLAMA31, "--method", "qlora", "--lora_r", "16",
+             "--lora_targets", "all-linear", "--seq_len", "1024", "--batch_size", "1", "--optim", "paged_adamw_8bit",
+             "--dtype", "bf16", "--grad_ckpt", "--world_size", "1", "--zero", "0", "--json"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("total_params", "trainable_params", "lora_modules", "weights_bytes", "gradients_bytes",
+                "optimizer_bytes", "activations_bytes", "peak_bytes"):
+        assert key in out, key
+    assert (out["trainable_params"], out["total_params"], out["lora_modules"]) == (41_943_040, 8_072_204_288, 224)
+    assert out["optimizer_paged"] is True
+    # 4-bit base: ~0.5 byte per quantized weight + fp32 embeddings/lm_head (prepare_model_for_kbit_training)
+    assert 5.3 * GIB < out["weights_bytes"] < 7.6 * GIB
+    # a model folder works too, and a bad option is an error with a message, not a traceback
+    bad = run([sys.executable, "-m", "common.memory", "--model", MISTRAL, "--optim", "lion", "--json"])
+    assert bad.returncode == 2 and "error: --optim 'lion'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes: a case small enough to check by hand, and the libraries' own storage
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("cfg") / "config.json"
+    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, tie_word_embeddings=False).to_json_file(path)
+    return str(path)
+
+
+def test_hand_checkable_tiny_case(tiny_config):
+    s = Settings(method="lora", lora_r=8, lora_targets="q_proj,v_proj", lora_dropout=0.05, seq_len=32, batch_size=2,
+                 optim="adamw_torch", dtype="bf16", device="cuda")
+    p = plan(tiny_config, s)
+    # parameters: embeddings 512x64 twice; per layer q 64x64, k 64x32, v 64x32, o 64x64, gate/up/down
+    # 64x128 each, 2 norms of 64; final norm 64. LoRA r=8: q 8x(64+64), v 8x(64+32) per layer.
+    per_layer = 4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64
+    base = 2 * 512 * 64 + 2 * per_layer + 64
+    lora = 2 * (8 * (64 + 64) + 8 * (64 + 32))
+    assert (base, lora) == (139_584, 3_584)
+    assert (p["total_params"], p["trainable_params"], p["lora_modules"]) == (base + lora, lora, 4)
+    assert p["weights_bytes"] == 2 * base + 4 * lora               # bf16 base + fp32 adapters
+    assert p["gradients_bytes"] == 4 * lora
+    assert p["optimizer_bytes"] == 8 * lora                        # AdamW: exp_avg + exp_avg_sq in fp32
+    # activations per token per layer (CUDA, bf16 autocast):
+    #   2 RMSNorms: 2 x (4 x 64 + 4) = 520; sdpa: q, out 2 x 2 x 64 + k, v 2 x 2 x 32 + lse 4 x 4 heads = 400
+    #   SwiGLU: 3 x 2 x 128 = 768; LoRA q and v: bool mask 64 + bf16 input 2 x 64 + lora_A out 2 x 8 = 208 each
+    assert p["activation_bytes_per_token_per_layer"] == 520 + 400 + 768 + 2 * 208 == 2104
+    tokens = 2 * 32
+    layer = 2104 * tokens + 2 * (lora // 2)                        # + autocast's bf16 copy of the layer's adapters
+    rest = (4 * 64 + 4 + 8) * tokens + 2 * 32 * 16 * 2 + 4        # final norm, labels, rope cos/sin, loss
+    assert p["activations_bytes"] == 2 * layer + rest + 4 * 512 * tokens == 426_756
+    assert p["logits_bytes"] == 12 * 512 * tokens                  # fp32 log-softmax out + 2 gradients
+    assert plan(tiny_config, s, optim="sgd")["optimizer_bytes"] == 0
+    # Adafactor: factored second moment, rows + columns: A (8,64) -> 72, B_q (64,8) -> 72, B_v (32,8) -> 40
+    assert plan(tiny_config, s, optim="adafactor")["optimizer_bytes"] == 4 * 2 * (72 + 72 + 72 + 40)
+    # full fine-tune in bf16: weights, gradients and AdamW states all in bf16
+    f = plan(tiny_config, s, method="full")
+    assert (f["weights_bytes"], f["gradients_bytes"], f["optimizer_bytes"]) == (2 * base, 2 * base, 4 * base)
+    # gradient checkpointing keeps one hidden state per layer (+ recomputes one layer in backward)
+    ck = plan(tiny_config, s, grad_ckpt=True)
+    assert ck["activations_bytes"] == 2 * (2 * 64 * tokens) + rest - 2 * 32 * 16 * 2 + 4 * 512 * tokens
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    import bitsandbytes.functional as F
+
+    weight = torch.randn(96, 352, dtype=torch.bfloat16)
+    for double_quant in (True, False):
+        packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        nbytes = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size() \
+            + state.code.numel() * state.code.element_size()
+        if double_quant:
+            nbytes += state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4 + 4  # + fp32 offset
+        assert memory.nf4_bytes(weight.numel(), double_quant) == nbytes
+    assert memory.nf4_bytes(4096, True) == 2048 + 64 + 4 + 1024 + 4 + 64     # 3,208 bytes for 4,096 weights
+
+
+def test_8bit_adamw_bytes_match_bitsandbytes():
+    import bitsandbytes as bnb
+
+    params = [torch.nn.Parameter(torch.randn(64, 100)), torch.nn.Parameter(torch.randn(16, 64))]  # 6400, 1024
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values()
+                      for k, t in st.items() if k in ("state1", "state2", "absmax1", "absmax2"))
+    assert memory.optimizer_state_bytes("adamw_bnb_8bit", [(64, 100), (16, 64)], 4) == state_bytes
+    assert state_bytes == 2 * 6400 + 2 * 4 * 25 + 8 * 1024                  # small tensors stay 32-bit
+
+
+# ---------------------------------------------------------------------------------------------
+# The activation model against the tensors autograd actually saves (guards library drift)
+# ---------------------------------------------------------------------------------------------
+def _saved_bytes(model, batch, autocast):
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            storage = t.untyped_storage()
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**batch)
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    """A random Llama whose q/kv/MLP widths all differ, saved so it loads like the recipes load it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("small") / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=48,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method,targets,dropout,autocast,grad_ckpt", [
+    ("lora", "all-linear", 0.05, True, False),        # the recipes' training steps on CPU (bf16 autocast)
+    ("lora", "all-linear", 0.05, False, False),       # the recipes' one-batch gradient check (no autocast)
+    ("lora", "q_proj,v_proj", 0.0, True, False),
+    ("lora", "q_proj,v_proj", 0.0, False, True),
+    ("qlora", "all-linear", 0.05, True, False),
+    ("qlora", "q_proj,v_proj", 0.0, False, False),
+    ("full", None, 0.0, True, False),
+])
+def test_activation_model_matches_saved_tensors(small_model_dir, method, targets, dropout, autocast, grad_ckpt):
+    from common.models import attach_lora, load_base_model
+
+    model = load_base_model(small_model_dir, torch.device("cpu"), "bf16", method == "qlora", "sdpa")
+    if method == "full" and grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif method != "full":
+        model = attach_lora(model, 16, 32, dropout, "all-linear" if targets == "all-linear" else targets.split(","),
+                            quantized=method == "qlora", gradient_checkpointing=grad_ckpt)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 64))
+    measured = _saved_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, autocast)
+    s = Settings(method=method, lora_r=16, lora_targets=targets or "all-linear", lora_dropout=dropout, seq_len=64,
+                 batch_size=2, dtype="bf16", grad_ckpt=grad_ckpt, device="cpu")
+    arch = inspect_model(load_config(small_model_dir), method, 16, s.lora_targets, dropout)
+    act = memory.activation_bytes(arch, s, autocast=autocast)
+    assert act["kept"] + act["logits_saved"] == measured
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO, DDP, paged optimizers
+# ---------------------------------------------------------------------------------------------
+def test_zero_stages_shard_what_they_should():
+    arch = inspect_model(load_config(LLAMA31), "full")
+    n = arch.total_params
+    p = {z: plan(LLAMA31, Settings(method="full", world_size=4, zero=z, seq_len=512), arch=arch) for z in range(4)}
+    # stage 0 (DDP): everything replicated + DDP gradient buckets; bf16 AdamW states, no master copy
+    assert (p[0]["weights_bytes"], p[0]["gradients_bytes"], p[0]["optimizer_bytes"]) == (2 * n, 2 * n, 4 * n)
+    assert p[0]["ddp_bucket_bytes"] == 2 * n and p[0]["master_weights_bytes"] == 0
+    # stage 1: fp32 master weights and fp32 AdamW states, both divided by the world size
+    assert p[1]["optimizer_bytes"] == 8 * n // 4 and p[1]["master_weights_bytes"] == 4 * n // 4
+    assert (p[1]["weights_bytes"], p[1]["gradients_bytes"]) == (2 * n, 2 * n)
+    # stage 2: + gradients (bf16 + the fp32 partition they are reduced into)
+    assert p[2]["gradients_bytes"] == 2 * n // 4 + 4 * n // 4 and p[2]["weights_bytes"] == 2 * n
+    # stage 3: + the weights themselves
+    assert p[3]["weights_bytes"] == 2 * n // 4 and p[3]["zero3_gathered_bytes"] > 0
+    peaks = [p[z]["peak_bytes"] for z in range(4)]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+def test_paged_optimizer_is_left_out_of_the_cuda_peak_but_not_the_cpu_one(tiny_config):
+    s = Settings(method="full", seq_len=32, batch_size=1)
+    plain, paged = plan(tiny_config, s, optim="adamw_bnb_8bit"), plan(tiny_config, s, optim="paged_adamw_8bit")
+    assert plain["optimizer_bytes"] == paged["optimizer_bytes"] and paged["optimizer_paged"]
+    assert plain["tensors_peak_bytes"] - paged["tensors_peak_bytes"] == plain["optimizer_bytes"]
+    cpu = plan(tiny_config, s, optim="paged_adamw_8bit", device="cpu")
+    assert not cpu["optimizer_paged"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommendation
+# ---------------------------------------------------------------------------------------------
+def test_recommend_picks_the_fastest_fitting_config_and_refuses_when_nothing_fits():
+    base = Settings(method="lora", lora_targets="all-linear", seq_len=1024, batch_size=4, gradient_accumulation_steps=4)
+    rec = recommend(LLAMA31, 24 * GIB, base)
+    assert rec["fits"], rec["reason"]
+    chosen = Settings(**rec["settings"])
+    again = plan(LLAMA31, chosen)
+    assert again["required_bytes"] <= 24 * GIB == 24 * GIB
+    assert chosen.batch_size * chosen.gradient_accumulation_steps == 16          # effective batch kept
+    assert chosen.seq_len == 1024 and chosen.lora_targets == "all-linear"
+    # everything tried before it did not fit: it is the first fitting one in speed order
+    assert all(t["required_gb"] > 24 for t in rec["tried"][:-1])
+    assert rec["tried"][0] == {"adds": "nothing", "batch_size": 16, "required_gb": rec["tried"][0]["required_gb"]}
+    # seed 000's OOM: Llama-3.1-8B LoRA at 4 x 1024 without checkpointing does not fit 24 GB
+    assert plan(LLAMA31, base)["required_bytes"] > 24 * GIB
+    # a budget nothing fits: refused, with the smallest need in the reason
+    no = recommend(LLAMA31, 2 * GIB, base)
+    assert not no["fits"] and no["settings"] is None and "nothing fits 2.0 GiB" in no["reason"]
+    # a budget everything fits: nothing added, the requested micro-batch of 16 kept whole
+    big = recommend(LLAMA31, 1000 * GIB, base)
+    assert big["fits"] and big["settings"]["batch_size"] == 16 and not big["settings"]["grad_ckpt"]
+
+
+def test_recommend_cli(tmp_path):
+    ok = run([sys.executable, "-m", "common.memory", "--model", MISTRAL, "--method", "lora", "--lora_targets",
+              "q_proj,v_proj", "--seq_len", "256", "--batch_size", "2", "--budget_gb", "24", "--recommend", "--json"])
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["fits"] and out["plan"]["required_bytes"] <= 24 * GIB and out["reason"]
+    no = run([sys.executable, "-m", "common.memory", "--model", MISTRAL, "--budget_gb", "4", "--recommend"])
+    assert no.returncode == 1 and "nothing fits" in no.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation recipe's plumbing (the runs themselves take minutes: see README "Memory planner")
+# ---------------------------------------------------------------------------------------------
+def test_validation_recipe_specs_and_help():
+    sys.path.insert(0, str(REPO / "recipes"))
+    import memory_validation as mv
+
+    spec = mv.parse_spec("name=a method=qlora batch=2 seq=128 ckpt=true targets=q_proj,v_proj")
+    assert spec["targets"] == "q_proj,v_proj" and spec["optim"] == "adamw_torch" and spec["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        mv.parse_spec("name=a method=lora batch=2 seq=128 bogus=1")
+    cmd = mv.recipe_command(spec, "M", Path("D"), Path("data.jsonl"), mv.Config())
+    assert cmd[:2] == ["bash", "launch/memory_diet.sh"] and cmd[cmd.index("--lora_target_modules") + 1:][:2] == ["q_proj", "v_proj"]
+    r = run([sys.executable, "recipes/memory_validation.py", "--help"])
+    assert r.returncode == 0 and "--configurations" in r.stdout
