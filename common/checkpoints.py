@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -169,3 +170,42 @@ def prepare_output_dir(output_dir: Path, config: dict, resume: bool = True) -> P
     if found:
         log.info("resuming from %s", found)
     return found
+
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved; rerun the same command to resume"
+
+
+class SaveOnSignal(TrainerCallback):
+    """On SIGTERM/SIGINT (spot reclaim notice, SLURM preemption, Ctrl-C): finish the current optimizer
+    step, save a checkpoint (validated by CheckpointValidator), and stop. The bound on the time this
+    takes is one optimizer step plus one save. The recipe then exits with REQUEUE_EXIT_CODE.
+    Under several processes the flag is agreed over the process group each step, so all ranks stop
+    at the same step (torchrun forwards the signal to every worker, but not at the same instant)."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.received: int | None = None
+        for s in signals:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.received is None:
+            log.warning("received %s: saving a checkpoint after this optimizer step, then stopping",
+                        signal.Signals(signum).name)
+        self.received = signum
+
+    def _agreed(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed():
+            self.received = self.received or signal.SIGTERM
+            control.should_save = True
+            control.should_training_stop = True

@@ -9,12 +9,13 @@
 # Failure modes it catches before the recipe starts:
 #   - more than one process: this recipe is single-device (use launch/multigpu_qlora.sh for several GPUs)
 #   - CUDA_VISIBLE_DEVICES listing several GPUs: only the first is used; it says so
-# Exit code: the recipe's (0 ok, 1 a check or data error with its message, 2 a bad option).
+# Exit code: the recipe's (0 ok, 1 a check or data error with its message, 2 a bad option,
+# 75 stopped by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   echo
   echo "Recipe options (python recipes/sft_memory_diet.py --help):"
   PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}

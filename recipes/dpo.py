@@ -72,7 +72,7 @@ class Config:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (ignored when max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = use num_train_epochs"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (LoRA; full fine-tuning wants ~1e-6 to 5e-6)"})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
     warmup_steps: float = field(default=0.1, metadata={"help": "warmup: steps (>= 1) or a ratio of all steps (< 1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

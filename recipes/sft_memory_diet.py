@@ -31,7 +31,8 @@ from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E40
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import CheckpointValidator, OutputDirError, prepare_output_dir  # noqa: E402
+from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, OutputDirError, SaveOnSignal,  # noqa: E402
+                                prepare_output_dir)
 from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
@@ -158,9 +159,10 @@ def main(cfg: Config) -> dict:
         remove_unused_columns=False, dataloader_num_workers=0, prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",
     )
+    preempted = SaveOnSignal()  # SIGTERM/SIGINT: save after this step, stop, exit 75 (rerun resumes)
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
                          data_collator=collator, processing_class=tokenizer,
-                         callbacks=[CheckpointValidator()])
+                         callbacks=[CheckpointValidator(), preempted])
     world = args.world_size
     log.info("effective batch = %d per device x %d accumulation x %d devices = %d sequences per optimizer step",
              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world,
@@ -190,6 +192,10 @@ def main(cfg: Config) -> dict:
 
     # ---- train -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if preempted.received:
+        log.warning("stopped by a signal at step %d; checkpoint saved. Rerun the same command to resume "
+                    "(exit code %d)", trainer.state.global_step, REQUEUE_EXIT_CODE)
+        sys.exit(REQUEUE_EXIT_CODE)
     if guard:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)

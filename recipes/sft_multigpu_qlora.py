@@ -33,7 +33,8 @@ from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E40
 from common import checks  # noqa: E402
 from common import distributed as ddp  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import CheckpointValidator, OutputDirError, prepare_output_dir  # noqa: E402
+from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, OutputDirError, SaveOnSignal,  # noqa: E402
+                                prepare_output_dir)
 from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
@@ -170,12 +171,16 @@ def main(cfg: Config) -> dict | None:
     effective = cfg.per_device_train_batch_size * accumulation * rank.world_size
     log.info("effective batch = %d per device x %d accumulation x %d ranks = %d sequences per optimizer step",
              cfg.per_device_train_batch_size, accumulation, rank.world_size, effective)
+    preempted = SaveOnSignal()  # SIGTERM/SIGINT: save after this step, stop, exit 75 (rerun resumes)
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=features, eval_dataset=eval_features or None,
                                    data_collator=collator, processing_class=tokenizer,
-                                   callbacks=[CheckpointValidator()])
+                                   callbacks=[CheckpointValidator(), preempted])
     # not trainer.evaluate(): under ZeRO-2 it raises before train() ("ZeRO inference only makes sense with ZeRO Stage 3")
     before = mean_batch_loss(model, eval_features, collator) if eval_features and not guard else None
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if preempted.received:
+        log.warning("stopped by a signal at step %d; checkpoint saved; rerun to resume", trainer.state.global_step)
+        sys.exit(REQUEUE_EXIT_CODE)  # the finally below destroys the process group
     if guard:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)

@@ -163,3 +163,39 @@ def test_launcher_help_and_world_size_guard(tmp_path):
     assert proc.returncode == 0 and "--gradient_accumulation_steps" in proc.stdout and "--method" in proc.stdout
     proc = run(LAUNCHER, env={"WORLD_SIZE": "2"})
     assert proc.returncode == 2 and "single-device" in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_finishes(tiny_dir, tmp_path):
+    """Preemption: SIGTERM mid-run -> checkpoint after the current step, exit 75; the same command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "preempt"
+    cmd = LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--precision", "fp32",
+                      "--max_steps", "60", "--save_steps", "1000", "--logging_steps", "1",
+                      "--sample_generations", "0", "--max_new_tokens", "2"]
+    env = dict(os.environ, PYTHON=sys.executable)
+    log = open(tmp_path / "run.log", "w")
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while "'loss'" not in (tmp_path / "run.log").read_text() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    sent = time.time()
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 75
+    log.close()
+    assert time.time() - sent < 60  # bounded: one optimizer step plus one save
+    text = (tmp_path / "run.log").read_text()
+    assert "received SIGTERM: saving a checkpoint after this optimizer step" in text
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "checkpoint_ok.json").is_file()
+    step = int(saved[0].name.split("-")[1])
+    assert 0 < step < 60 and not (out / "metrics.json").exists()
+
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {saved[0]}" in proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["optimizer_steps"] == 60
