@@ -102,6 +102,9 @@ def parse_config(cls, argv: list[str] | None = None):
         hint = f" (did you mean --{close[0]}?)" if close else ""
         _fail(f"unknown option {flag!r}{hint}; `--help` lists the valid options")
     kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
+    for k, v in kwargs.items():  # `--eval_dataset_path null` on the command line means None, as in YAML
+        if isinstance(v, str) and v.lower() in ("null", "none") and _type_ok(None, hints[k]):
+            kwargs[k] = None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

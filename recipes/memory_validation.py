@@ -40,14 +40,14 @@ from common.run_files import now, write_json, write_manifest  # noqa: E402
 
 log = logging.getLogger("memory_validation")
 REPO = Path(__file__).resolve().parent.parent
-SPEC_KEYS = {"name", "model", "method", "batch", "seq", "ckpt", "optim", "precision", "targets", "r"}
+SPEC_KEYS = {"name", "model", "method", "batch", "seq", "ckpt", "optim", "precision", "targets", "r", "mmap_threshold"}
 
 
 @dataclass
 class Config:
     output_dir: str = field(default="runs/memory_validation", metadata={"help": "where the table, the JSON and each run's folder go"})
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "model for configurations that name none (local dir or asset:tiny / asset:smollm2)"})
-    configurations: list[str] = field(default_factory=lambda: ["name=lora_b4_s256 method=lora batch=4 seq=256"], metadata={"help": "one spec per configuration: name=... [model=] method=lora|qlora batch=N seq=N [ckpt=true] [optim=] [precision=bf16|fp32] [targets=all-linear|q_proj,v_proj] [r=16]"})
+    configurations: list[str] = field(default_factory=lambda: ["name=lora_b4_s256 method=lora batch=4 seq=256"], metadata={"help": "one spec per configuration: name=... [model=] method=lora|qlora batch=N seq=N [ckpt=true] [optim=] [precision=bf16|fp32] [targets=all-linear|q_proj,v_proj] [r=16] [mmap_threshold=BYTES: run with MALLOC_MMAP_THRESHOLD_]"})
     only: list[str] = field(default_factory=list, metadata={"help": "run only these configuration names"})
     max_steps: int = field(default=2, metadata={"help": "optimizer steps per run (the peak is reached in the first two)"})
     timeout: int = field(default=1800, metadata={"help": "seconds before a run is abandoned"})
@@ -96,7 +96,8 @@ def recipe_command(spec: dict, model: str, run_dir: Path, data: Path, cfg: Confi
 def predict(spec: dict, model_dir: str, device: str) -> dict:
     s = memory.Settings(method=spec["method"], lora_r=int(spec["r"]), lora_targets=spec["targets"],
                         lora_dropout=0.05, seq_len=int(spec["seq"]), batch_size=int(spec["batch"]),
-                        optim=spec["optim"], dtype=spec["precision"], grad_ckpt=spec["ckpt"] == "true", device=device)
+                        optim=spec["optim"], dtype=spec["precision"], grad_ckpt=spec["ckpt"] == "true", device=device,
+                        cpu_heap_retention=0.0 if spec.get("mmap_threshold") else -1.0)
     return memory.plan(model_dir, s)
 
 
@@ -181,6 +182,8 @@ def main(cfg: Config) -> dict:
             log.info("%s: %s", spec["name"], " ".join(c if c else '""' for c in cmd))
             start = time.time()
             env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+            if spec.get("mmap_threshold"):                     # a fixed glibc mmap threshold (see CHRONICLES)
+                env["MALLOC_MMAP_THRESHOLD_"] = spec["mmap_threshold"]
             try:
                 proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=cfg.timeout)
                 rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]

@@ -72,11 +72,12 @@ class Config:
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rollouts"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "PPO: prompts per micro-batch; GRPO: completions per step"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "PPO: rollout batch = batch x accumulation"})
-    num_mini_batches: int = field(default=1, metadata={"help": "PPO: mini-batches per rollout batch"})
+    num_mini_batches: int = field(default=4, metadata={"help": "PPO: mini-batches per rollout batch (optimizer steps per PPO epoch)"})
     ppo_epochs: int = field(default=1, metadata={"help": "PPO: optimisation epochs over each rollout batch; GRPO: num_iterations"})
     num_generations: int = field(default=4, metadata={"help": "GRPO: completions sampled per prompt (the group)"})
     max_steps: int = field(default=16, metadata={"help": "updates (rollout batches)"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "learning rate (policy LoRA and value model)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "learning rate (policy LoRA and value model)"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name (PPO steps it once per rollout batch)"})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty to the reference (PPO kl_coef, GRPO beta)"})
     cliprange: float = field(default=0.2, metadata={"help": "PPO/GRPO ratio clip"})
     vf_coef: float = field(default=0.1, metadata={"help": "PPO value-loss weight"})
@@ -318,7 +319,8 @@ def main(cfg: Config) -> dict:
                        fp16=precision == "fp16", per_device_train_batch_size=cfg.per_device_train_batch_size,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
                        max_steps=cfg.max_steps, gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=1,
-                       save_strategy="no", report_to=cfg.report_to, disable_tqdm=True, lr_scheduler_type="linear")
+                       save_strategy="no", report_to=cfg.report_to, disable_tqdm=True,
+                       lr_scheduler_type=cfg.lr_scheduler_type)
     train_ds = Dataset.from_list([{"input_ids": p} for p in train_prompts])
     eval_ds = Dataset.from_list([{"input_ids": p} for p in eval_prompts])
     if cfg.algorithm == "ppo":

@@ -292,3 +292,18 @@ def test_recipe_unknown_yaml_key_exits_2_before_anything(typo_run):
             "`--help` lists the valid options") in err.splitlines()
     assert "Traceback" not in err
     assert not out_dir.exists()
+
+
+def test_null_on_the_command_line_means_none_for_optional_fields():
+    from dataclasses import dataclass
+
+    from common.config import parse_config
+
+    @dataclass
+    class Opts:
+        eval_dataset_path: str | None = "data/x.jsonl"
+        model_name_or_path: str = "asset:tiny"
+
+    assert parse_config(Opts, ["--eval_dataset_path", "null"]).eval_dataset_path is None
+    assert parse_config(Opts, ["--eval_dataset_path", "None"]).eval_dataset_path is None
+    assert parse_config(Opts, ["--model_name_or_path", "null"]).model_name_or_path == "null"  # not optional

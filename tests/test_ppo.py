@@ -54,7 +54,7 @@ def test_run_directory_follows_the_contract(ppo_run):
     for s in m["steps"]:
         assert all(isinstance(s[k], float) for k in ("kl", "mean_reward", "response_length", "policy_loss", "value_loss"))
         assert 1 <= s["response_length"] <= 8
-    assert m["steps"][0]["kl"] == 0.0  # the first rollout comes from the start policy == the reference
+    assert abs(m["steps"][0]["kl"]) < 1e-3  # the first rollout comes from the start policy == the reference
     # the frozen models did not move: the reference (adapter disabled) and the reward model
     assert m["reference_logps_max_abs_change"] == 0.0 and m["reward_max_abs_change"] == 0.0
     assert m["value_trainable_params"] > 0 and m["pad_token_changed"] is None  # the tiny tokenizer pads with <|pad|>
