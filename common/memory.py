@@ -20,18 +20,24 @@ no downloads) and LoRA is attached with peft, so the numbers are what `from_pret
   one factored second moment (rows + columns); SGD without momentum nothing.
 - fp32 master weights under DeepSpeed bf16/fp16 (ZeRO >= 1). ZeRO stage s over N ranks divides the
   optimizer states and master weights (s >= 1), the gradients (s >= 2) and the weights (s = 3) by N.
-- activations: what autograd keeps per token per layer of a Llama-style block (RMSNorm, sdpa attention,
-  SwiGLU MLP) under torch.autocast, from the tensors the real code saves (see `layer_activation_bytes`);
-  gradient checkpointing keeps each layer's input and recomputes one layer in backward.
+- activations: what autograd keeps per token per layer of a Llama-style block (RMSNorm, sdpa or flash
+  attention, SwiGLU MLP), from the tensors the real code saves (`layer_activation_bytes`; a test
+  compares it with a saved-tensor count); gradient checkpointing keeps each layer's input and
+  recomputes one layer in backward. Eager attention (batch x heads x seq^2 probabilities) is not modelled.
 - logits: the loss upcasts logits to fp32; backward starts with 12 bytes per logit alive
   (log-softmax output, its gradient and the gradient of the logits; batch x seq x vocab).
 - overhead: CUDA: the CUDA context (not in torch.cuda.max_memory_allocated) and allocator slack; CPU:
   the process baseline (interpreter + torch + transformers + data), measured on the reference machine.
 
+The peak is the largest of a few phases (`phases` in the output): the end of the forward pass (with the
+logits), the backward pass, the optimizer step; each for the training steps (under autocast, optimizer
+states allocated) and for the one-batch gradient check the recipes run before step 1
+(common.checks.check_gradient_flow: no autocast, so LoRA activations are fp32, and no optimizer states).
+
 `peak_bytes` predicts what a recipe's metrics.json reports as `peak_memory_bytes` on that device
-(CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM). `required_bytes` adds
-what that measurement leaves out (CUDA context, allocator fragmentation): compare it to a budget.
-See README "Memory planner" for the validation table (predicted vs measured).
+(CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM, see `cpu_rss_peak`).
+`required_bytes` adds what that measurement leaves out (CUDA context, allocator slack): compare it to a
+budget. README "Memory planner" has the validation table (predicted vs measured on CPU).
 """
 from __future__ import annotations
 
@@ -41,7 +47,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -74,8 +79,10 @@ OPTIMIZERS = {
 # CPU_BASELINE_BYTES: VmHWM of a recipe process before the model loads (Python, torch, transformers,
 # peft, tokenizer, data), read from metrics.json `baseline_rss_bytes`.
 # CPU_HEAP_RETENTION: RSS growth beyond the live tensors, as a share of the activation bytes one forward
-# pass allocates (all layers). Calibrated on four one-batch gradient checks of SmolLM2-135M that are not
-# in the validation table (lora/qlora, 512-1,024 tokens, with and without checkpointing: 0.29-0.50).
+# pass allocates (all layers): glibc's dynamic mmap threshold (CHRONICLES 20). Set from four one-batch
+# gradient checks of SmolLM2-135M outside the validation table (lora/qlora, 512-1,024 tokens, with and
+# without checkpointing: 0.29, 0.38, 0.49, 0.50). It depends on tensor shapes, not only bytes: 1 x 1,024
+# tokens gave 0.03 where 4 x 256 gave 0.50. With MALLOC_MMAP_THRESHOLD_ set it is 0 (--cpu_heap_retention 0).
 CPU_BASELINE_BYTES = 537 * 2**20
 CPU_HEAP_RETENTION = 0.4
 # CUDA: context + cuBLAS workspaces (not in max_memory_allocated), caching-allocator slack.
@@ -234,8 +241,10 @@ def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "al
 
 
 def _decoder_layers(model):
+    import torch
+
     for module in model.modules():
-        if isinstance(module, __import__("torch").nn.ModuleList) and len(module) > 0:
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             return list(module)
     return []
 
@@ -345,9 +354,13 @@ def activation_bytes(arch: Architecture, s: Settings, autocast: bool = True) -> 
     logits_peak = 12 * arch.vocab * tokens                     # + its gradient + the logits' gradient
     # backward of one layer: gradients of its activations (about two hidden- and two MLP-sized fp32 tensors)
     backward_working = 4 * (2 * arch.hidden + 2 * arch.intermediate) * tokens
+    traffic = arch.layers * one_layer                          # activation bytes one forward pass allocates
+    if s.method == "qlora":                                    # bnb dequantizes each 4-bit weight per matmul
+        backward_working += b * max(arch.quantizable)
+        traffic += b * sum(arch.quantizable)
     return {"kept": kept + rest, "logits_saved": logits_saved, "logits_peak": logits_peak,
             "recomputed_layer": one_layer if s.grad_ckpt else 0, "backward_working": backward_working,
-            "forward_traffic": arch.layers * one_layer, "per_token_per_layer": per_token}
+            "forward_traffic": traffic, "per_token_per_layer": per_token}
 
 
 def _phases(prefix: str, static: int, act: dict, accumulated: int, gradients: int) -> dict:
@@ -429,18 +442,25 @@ def plan_bytes(arch: Architecture, s: Settings) -> dict:
 def cpu_rss_peak(arch: Architecture, s: Settings, weights: int, phases: dict) -> dict:
     """Peak RSS of a recipe process on CPU: measured baseline + max(loading, training).
 
-    Loading: the safetensors file is memory-mapped (its pages count in RSS) while the weights are
-    converted to the training dtype, so file + converted weights are resident at the end of loading.
-    Training: live tensors + CPU_HEAP_RETENTION x the activation bytes the forward pass allocated.
-    glibc malloc serves blocks under its mmap threshold (at most 32 MiB) from the heap and keeps what
-    is freed there, so RSS grows past the live tensors by a roughly constant share of each layer's
-    activations, checkpointed or not. Blocks above it (the logits) are mmapped and returned exactly.
-    A fixed threshold (MALLOC_MMAP_THRESHOLD_=1048576 in the environment) stops that: retention 0.
+    Loading: safetensors files are memory-mapped and the pages read count in RSS. Weights loaded in
+    the file's dtype alias those pages (no second copy); converted ones are resident next to them.
+    QLoRA keeps the file mapped when its fp32 parameters alias it (an fp32 checkpoint loaded for fp32
+    compute: prepare_model_for_kbit_training has nothing to upcast), so the whole file stays resident.
+    Training: live tensors + the heap glibc keeps. glibc serves blocks under its mmap threshold (at
+    most 32 MiB) from the heap and keeps what is freed there, so RSS grows past the live tensors by a
+    roughly constant share (CPU_HEAP_RETENTION) of the activation bytes a forward pass allocates,
+    checkpointed or not; blocks above it (the logits) are mmapped and returned exactly. A fixed
+    threshold (MALLOC_MMAP_THRESHOLD_=1048576 in the run's environment) stops that: retention 0.
     """
     file_bytes = arch.checkpoint_dtype_bytes * (arch.total_params - arch.lora_params)
-    loading = file_bytes + weights
+    aliased = arch.checkpoint_dtype_bytes == DTYPE_BYTES[s.dtype]
+    loading = file_bytes + (0 if aliased and s.method != "qlora" else weights)
+    resident_file = 0
+    if s.method == "qlora" and aliased and DTYPE_BYTES[s.dtype] == 4:
+        unquantized = 4 * (arch.total_params - arch.lora_params - sum(arch.quantizable))
+        resident_file = file_bytes - unquantized            # those parameters are counted in the weights
     retention = CPU_HEAP_RETENTION if s.cpu_heap_retention < 0 else s.cpu_heap_retention
-    training = max(live + retention * traffic for live, traffic in phases.values())
+    training = resident_file + max(live + retention * traffic for live, traffic in phases.values())
     return {"peak": int(CPU_BASELINE_BYTES + max(loading, training)), "loading": int(loading),
             "training": int(training)}
 
@@ -562,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recommend", action="store_true", help="propose the fastest configuration that fits --budget_gb")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on import
     s = Settings(method=a.method, lora_r=a.lora_r, lora_targets=a.lora_targets, lora_dropout=a.lora_dropout,
                  seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
                  optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, world_size=a.world_size, zero=a.zero,

@@ -148,6 +148,24 @@ def preference_figures(policy: dict, reference: dict, beta: float) -> dict:
             "chosen_logp": float(policy["chosen"].mean()), "rejected_logp": float(policy["rejected"].mean())}
 
 
+def counting_tokens(trainer_cls):
+    """The trainer class, counting the non-pad tokens of the batches it trains on (prompt + response, chosen
+    and rejected). Not the collator: the dataloader collates one batch ahead (CHRONICLES 15). Not TRL's
+    `num_input_tokens_seen`: ORPO batches have no `input_ids`, so the Trainer counts 0 there."""
+    class CountingTrainer(trainer_cls):
+        trained_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.trained_tokens += sum(int(inputs[k].sum()) for k in TOKEN_KEYS if k in inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    CountingTrainer.__name__ = trainer_cls.__name__
+    return CountingTrainer
+
+
+TOKEN_KEYS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")  # DPO/KTO; ORPO
+
+
 def build_trainer(cfg: Config, model, ref_model, tokenizer, train_records, common_args: dict, peft_config, callbacks):
     """The TRL trainer for --algorithm, on the same conversational/plain prompt/chosen/rejected dataset."""
     from datasets import Dataset
@@ -158,21 +176,21 @@ def build_trainer(cfg: Config, model, ref_model, tokenizer, train_records, commo
 
         args = DPOConfig(**common_args, beta=cfg.beta, loss_type=cfg.loss_type, max_length=cfg.max_length,
                          precompute_ref_log_probs=cfg.precompute_ref_log_probs)
-        return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=callbacks)
+        return counting_tokens(DPOTrainer)(model=model, ref_model=ref_model, args=args, train_dataset=train,
+                                           processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     if cfg.algorithm == "kto":
         from trl import KTOConfig, KTOTrainer
 
         loss_type = cfg.loss_type[0] if cfg.loss_type != ["sigmoid"] else "kto"
         args = KTOConfig(**common_args, beta=cfg.beta, loss_type=loss_type, max_length=cfg.max_length,
                          precompute_ref_log_probs=cfg.precompute_ref_log_probs)
-        return KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=callbacks)
+        return counting_tokens(KTOTrainer)(model=model, ref_model=ref_model, args=args, train_dataset=train,
+                                           processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     args = ORPOConfig(**common_args, beta=cfg.beta, max_length=cfg.max_length)
-    return ORPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                       peft_config=peft_config, callbacks=callbacks)
+    return counting_tokens(ORPOTrainer)(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                                        peft_config=peft_config, callbacks=callbacks)
 
 
 def main(cfg: Config) -> dict:
@@ -258,7 +276,7 @@ def main(cfg: Config) -> dict:
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=cfg.logging_steps, logging_first_step=True,
         report_to=cfg.report_to, save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
-        dataloader_num_workers=0, disable_tqdm=True, include_num_input_tokens_seen="non_padding")
+        dataloader_num_workers=0, disable_tqdm=True)
     trainer = build_trainer(cfg, model, ref_model, tokenizer, train_records, common_args, peft_config,
                             [CheckpointValidator()])
     policy = trainer.model
@@ -303,7 +321,7 @@ def main(cfg: Config) -> dict:
     wall = time.time() - wall_start
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
-    trained_tokens = getattr(trainer, "_total_train_tokens", 0) or trainer.state.num_input_tokens_seen
+    trained_tokens = trainer.trained_tokens
     world = trainer.args.world_size
     metrics = {
         "recipe": "dpo", "algorithm": cfg.algorithm, "method": cfg.method, "model": model_path,

@@ -133,3 +133,14 @@ def test_trl_configs_default_to_bf16_and_need_use_cpu():
     assert DPOConfig(output_dir="/tmp/never-written", use_cpu=True).bf16 is True
     assert RewardConfig(output_dir="/tmp/never-written", use_cpu=True, bf16=False).bf16 is False
     assert DPOConfig(output_dir="/tmp/never-written", use_cpu=True).gradient_checkpointing is True  # also a TRL default
+
+
+@pytest.mark.parametrize("launcher,options", [("dpo.sh", ["--beta", "--loss_type", "--precompute_ref_log_probs",
+                                                          "--algorithm"]),
+                                               ("reward_model.sh", ["--method", "--center_rewards_coefficient"]),
+                                               ("ppo.sh", ["--reward_model_path", "--kl_coef", "--algorithm"])])
+def test_launchers_help_and_single_device_guard(launcher, options):
+    proc = run(["bash", str(REPO / "launch" / launcher), "--help"])
+    assert proc.returncode == 0 and all(o in proc.stdout for o in options), proc.stdout[-2000:]
+    proc = run(["bash", str(REPO / "launch" / launcher)], env={"WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and "single-device" in proc.stderr
