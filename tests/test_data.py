@@ -46,6 +46,9 @@ SAMPLE_FILES = {
     "data/samples/sharegpt.json": ("chat", 6, True),
     "data/persona/train.jsonl": ("chat", 56, True),
     "data/persona/heldout.jsonl": ("chat", 24, True),
+    "data/eval/general.jsonl": ("chat", 12, True),
+    "data/preference/train.jsonl": ("preference", 94, True),
+    "data/preference/heldout.jsonl": ("preference", 24, True),
 }
 
 
