@@ -4,6 +4,7 @@
         [--lora_targets q_proj,v_proj | all-linear] [--seq_len 512] [--batch_size 1] [--optim adamw_torch]
         [--dtype bf16|fp16|fp32] [--grad_ckpt] [--world_size 1] [--zero {0,1,2,3}] [--device cuda|cpu] --json
     python -m common.memory --model <...> --budget_gb 24 --recommend [--json]
+    python -m common.memory --model <...> --budget_gb 24 --find_batch_size [--json]
 
 Parameter counts are exact: the model is instantiated on the meta device from its config (no weights,
 no downloads) and LoRA is attached with peft, so the numbers are what `from_pretrained` +
@@ -79,7 +80,7 @@ OPTIMIZERS = {
 # CPU_BASELINE_BYTES: VmHWM of a recipe process before the model loads (Python, torch, transformers,
 # peft, tokenizer, data), read from metrics.json `baseline_rss_bytes`.
 # CPU_HEAP_RETENTION: RSS growth beyond the live tensors, as a share of the activation bytes one forward
-# pass allocates (all layers): glibc's dynamic mmap threshold (CHRONICLES 20). Set from four one-batch
+# pass allocates (all layers): glibc's dynamic mmap threshold (see cpu_rss_peak). Set from four one-batch
 # gradient checks of SmolLM2-135M outside the validation table (lora/qlora, 512-1,024 tokens, with and
 # without checkpointing: 0.29, 0.38, 0.49, 0.50). It depends on tensor shapes, not only bytes: 1 x 1,024
 # tokens gave 0.03 where 4 x 256 gave 0.50. With MALLOC_MMAP_THRESHOLD_ set it is 0 (--cpu_heap_retention 0).
@@ -116,6 +117,7 @@ class Settings:
     device: str = "cuda"                  # cuda | cpu
     double_quant: bool = True             # QLoRA: bnb_4bit_use_double_quant
     cpu_heap_retention: float = -1.0      # CPU only; -1 = CPU_HEAP_RETENTION, 0 = the run sets MALLOC_MMAP_THRESHOLD_
+    gradient_check: bool = True           # the run does the recipes' one-batch check before step 1
 
     def check(self) -> None:
         if self.method not in ("full", "lora", "qlora"):
@@ -411,7 +413,7 @@ def plan_bytes(arch: Architecture, s: Settings) -> dict:
     on_device_optimizer = 0 if paged else optimizer
     # the recipes' one-batch gradient check (common.checks.check_gradient_flow) runs before step 1,
     # outside autocast and before the optimizer has states; then the training steps under autocast
-    phases = _phases("check_", static, check, 0, gradients)
+    phases = _phases("check_", static, check, 0, gradients) if s.gradient_check else {}
     phases.update(_phases("", static + on_device_optimizer, train, accumulated, gradients + ddp_buckets))
     phases["optimizer_step"] = (static + on_device_optimizer + gradients + ddp_buckets + optimizer_temp,
                                 train["forward_traffic"])
@@ -494,14 +496,16 @@ SPEED_LADDER = [
 
 
 def recommend(model: str | None, budget_bytes: int, settings: Settings | None = None, config=None,
-              methods: tuple[str, ...] | None = None, **overrides) -> dict:
+              methods: tuple[str, ...] | None = None, pinned: tuple[str, ...] = (), **overrides) -> dict:
     """The fastest configuration that fits in `budget_bytes` (compared with `required_bytes`).
 
     Keeps the model, sequence length, LoRA targets/rank, precision, world size and the effective batch
     (micro-batch x accumulation); changes, in this order, only what costs speed: first a smaller
     micro-batch with more accumulation, then gradient checkpointing, an 8-bit optimizer, a paged one
-    (CUDA), and last QLoRA. Returns {"fits": bool, "settings", "plan", "reason", "tried"}; with
-    fits=False the reason says what the smallest configuration needs.
+    (CUDA), and last QLoRA. `methods` lists the methods it may use, in order (default: the one in
+    `settings`); `pinned` names Settings fields the user set, which it never changes ("batch_size",
+    "grad_ckpt", "optim", "method"). Returns {"fits": bool, "settings", "plan", "reason", "tried"};
+    with fits=False the reason says what the smallest configuration needs.
     """
     base = replace(settings or Settings(), **overrides)
     base.check()
@@ -509,11 +513,19 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
     if config is None:
         config = load_config(model)
     archs: dict[str, Architecture] = {}
-    tried, start = [], (methods or (base.method,))
+    unknown = set(pinned) - {"batch_size", "grad_ckpt", "optim", "method"}
+    if unknown:
+        raise PlanError(f"recommend(pinned=...): {sorted(unknown)} are not settings it changes")
+    tried, start = [], ((base.method,) if "method" in pinned else (methods or (base.method,)))
     ladder = []
     for method in start:
         for label, change in SPEED_LADDER:
             change = {"method": method, **change}
+            for name in ("grad_ckpt", "optim", "method"):
+                if name in pinned:
+                    change[name] = getattr(base, name)
+            if base.grad_ckpt and change.get("grad_ckpt") is not True:
+                change["grad_ckpt"] = True                     # asked for already: never taken away
             if change["method"] == "qlora" and method == "full":
                 continue
             if change.get("optim", "").startswith("paged_") and base.device == "cpu":
@@ -524,7 +536,7 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
             if key not in {tuple(sorted(c.items())) for _, c in ladder}:
                 ladder.append((label if method == base.method else f"{method} + {label}", change))
     for label, change in ladder:
-        micro = effective
+        micro = base.batch_size if "batch_size" in pinned else effective
         while micro >= 1:
             s = replace(base, **change, batch_size=micro, gradient_accumulation_steps=-(-effective // micro))
             if s.method not in archs:
@@ -536,16 +548,39 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
                           f"{micro} x {s.gradient_accumulation_steps} accumulation, "
                           f"{'gradient checkpointing, ' if s.grad_ckpt else ''}{s.optim}; needs "
                           f"{p['required_bytes'] / GB:.2f} GiB ({p['peak_phase']} is the peak). Adds {label}.")
-                if len(tried) > 1:
-                    reason += f" Rejected first: {tried[0]['adds']} at micro-batch {tried[0]['batch_size']} " \
-                              f"needs {tried[0]['required_gb']} GiB."
+                cheaper = {}
+                for t in tried[:-1]:
+                    if t["adds"] != label:
+                        cheaper[t["adds"]] = t                  # the last one tried is its smallest micro-batch
+                if cheaper:
+                    reason += " Cheaper options do not fit: " + "; ".join(
+                        f"{'as requested' if k == 'nothing' else 'adding ' + k}, micro-batch {t['batch_size']} "
+                        f"needs {t['required_gb']} GiB" for k, t in cheaper.items()) + "."
                 return {"fits": True, "settings": asdict(s), "plan": p, "reason": reason, "tried": tried}
-            micro = micro // 2 if micro > 1 else 0
+            micro = micro // 2 if (micro > 1 and "batch_size" not in pinned) else 0
     smallest = min(tried, key=lambda t: t["required_gb"])
     return {"fits": False, "settings": None, "plan": None, "tried": tried,
             "reason": f"nothing fits {budget_bytes / GB:.1f} GiB: the smallest configuration ({smallest['adds']}, "
                       f"micro-batch {smallest['batch_size']}) needs {smallest['required_gb']} GiB. Shorten "
                       f"--seq_len, use fewer/smaller LoRA targets, more devices with --zero 3, or a bigger device."}
+
+
+def max_batch_size(model: str | None, budget_bytes: int, settings: Settings | None = None, config=None,
+                   limit: int = 4096, **overrides) -> int:
+    """The largest micro-batch whose `required_bytes` fits `budget_bytes` with everything else fixed
+    (0 if not even 1 fits). Memory grows with the batch, so a binary search over [1, limit] finds it."""
+    s = replace(settings or Settings(), **overrides)
+    arch = inspect_model(config if config is not None else load_config(model), s.method, s.lora_r, s.lora_targets,
+                         s.lora_dropout)
+
+    def fits(batch: int) -> bool:
+        return plan(model, replace(s, batch_size=batch), arch=arch)["required_bytes"] <= budget_bytes
+
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,19 +613,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu_heap_retention", type=float, default=d.cpu_heap_retention,
                     help=f"CPU: extra RSS per byte of activations allocated (default {CPU_HEAP_RETENTION}, measured "
                          "with glibc's dynamic mmap threshold; 0 when the run sets MALLOC_MMAP_THRESHOLD_)")
+    ap.add_argument("--no_gradient_check", action="store_true",
+                    help="the run skips the recipes' one-batch gradient check (outside autocast) before step 1")
     ap.add_argument("--budget_gb", type=float, help="memory budget per device in GiB (with --recommend)")
     ap.add_argument("--recommend", action="store_true", help="propose the fastest configuration that fits --budget_gb")
+    ap.add_argument("--find_batch_size", action="store_true",
+                    help="the largest micro-batch that fits --budget_gb with the other settings as given")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on import
     s = Settings(method=a.method, lora_r=a.lora_r, lora_targets=a.lora_targets, lora_dropout=a.lora_dropout,
                  seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
                  optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, world_size=a.world_size, zero=a.zero,
-                 device=a.device, double_quant=not a.no_double_quant, cpu_heap_retention=a.cpu_heap_retention)
+                 device=a.device, double_quant=not a.no_double_quant, cpu_heap_retention=a.cpu_heap_retention,
+                 gradient_check=not a.no_gradient_check)
     try:
+        if (a.recommend or a.find_batch_size) and a.budget_gb is None:
+            raise PlanError("--recommend and --find_batch_size need --budget_gb")
+        if a.find_batch_size:
+            batch = max_batch_size(a.model, int(a.budget_gb * GB), s)
+            out = {"model": a.model, "budget_gb": a.budget_gb, "max_batch_size": batch,
+                   "plan": plan(a.model, s, batch_size=batch) if batch else None}
+            print(json.dumps(out, indent=2) if a.json else f"largest micro-batch that fits {a.budget_gb} GiB: {batch}")
+            return 0 if batch else 1
         if a.recommend:
-            if a.budget_gb is None:
-                raise PlanError("--recommend needs --budget_gb")
             out = recommend(a.model, int(a.budget_gb * GB), s)
             out["model"], out["budget_gb"] = a.model, a.budget_gb
         else:

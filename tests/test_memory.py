@@ -53,9 +53,15 @@ def test_cli_json_has_the_contract_keys():
     assert out["optimizer_paged"] is True
     # 4-bit base: ~0.5 byte per quantized weight + fp32 embeddings/lm_head (prepare_model_for_kbit_training)
     assert 5.3 * GIB < out["weights_bytes"] < 7.6 * GIB
-    # a model folder works too, and a bad option is an error with a message, not a traceback
-    bad = run([sys.executable, "-m", "common.memory", "--model", MISTRAL, "--optim", "lion", "--json"])
-    assert bad.returncode == 2 and "error: --optim 'lion'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_errors_name_the_fix(capsys, tmp_path):
+    assert memory.main(["--model", MISTRAL, "--optim", "lion", "--json"]) == 2
+    assert "error: --optim 'lion' is not modelled; choose one of" in capsys.readouterr().err
+    assert memory.main(["--model", "mistralai/Mistral-7B-v0.1", "--json"]) == 2
+    assert "the planner never downloads" in capsys.readouterr().err
+    assert memory.main(["--model", MISTRAL, "--lora_targets", "query_key_value", "--json"]) == 2
+    assert "--lora_targets query_key_value" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +252,10 @@ def test_recommend_picks_the_fastest_fitting_config_and_refuses_when_nothing_fit
     # a budget everything fits: nothing added, the requested micro-batch of 16 kept whole
     big = recommend(LLAMA31, 1000 * GIB, base)
     assert big["fits"] and big["settings"]["batch_size"] == 16 and not big["settings"]["grad_ckpt"]
+    # settings the user pinned are never changed: with the micro-batch pinned at 4 it must add more
+    pinned = recommend(LLAMA31, 24 * GIB, base, pinned=("batch_size",))
+    assert pinned["fits"] and pinned["settings"]["batch_size"] == 4 and pinned["settings"]["method"] == "qlora"
+    assert not recommend(LLAMA31, 24 * GIB, base, pinned=("batch_size", "method"))["fits"]
 
 
 def test_recommend_cli(capsys):
@@ -257,7 +267,18 @@ def test_recommend_cli(capsys):
     assert memory.main(["--model", MISTRAL, "--budget_gb", "4", "--recommend"]) == 1
     assert "nothing fits" in capsys.readouterr().out
     assert memory.main(["--model", MISTRAL, "--recommend"]) == 2
-    assert "--recommend needs --budget_gb" in capsys.readouterr().err
+    assert "need --budget_gb" in capsys.readouterr().err
+
+
+def test_batch_size_finder_returns_the_largest_that_fits():
+    s = Settings(method="lora", lora_targets="q_proj,v_proj", seq_len=512, dtype="bf16")
+    config = load_config(MISTRAL)
+    batch = memory.max_batch_size(MISTRAL, 24 * GIB, s, config=config)
+    assert batch >= 1
+    arch = inspect_model(config, "lora", 16, "q_proj,v_proj")
+    assert plan(MISTRAL, s, arch=arch, batch_size=batch)["required_bytes"] <= 24 * GIB
+    assert plan(MISTRAL, s, arch=arch, batch_size=batch + 1)["required_bytes"] > 24 * GIB
+    assert memory.max_batch_size(MISTRAL, 10 * GIB, s, config=config) == 0      # bf16 weights alone are 13.5 GiB
 
 
 # ---------------------------------------------------------------------------------------------
