@@ -68,14 +68,14 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32 (weights stay fp32; bf16/fp16 are autocast)"})
     max_prompt_length: int = field(default=128, metadata={"help": "longest prompt in tokens; a longer one is an error"})
-    response_length: int = field(default=32, metadata={"help": "new tokens sampled per rollout (and for the held-out answers)"})
+    response_length: int = field(default=64, metadata={"help": "new tokens sampled per rollout (and for the held-out answers)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rollouts"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "PPO: prompts per micro-batch; GRPO: completions per step"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "PPO: rollout batch = batch x accumulation"})
     num_mini_batches: int = field(default=4, metadata={"help": "PPO: mini-batches per rollout batch (optimizer steps per PPO epoch)"})
-    ppo_epochs: int = field(default=1, metadata={"help": "PPO: optimisation epochs over each rollout batch; GRPO: num_iterations"})
+    ppo_epochs: int = field(default=2, metadata={"help": "PPO: optimisation epochs over each rollout batch; GRPO: num_iterations"})
     num_generations: int = field(default=4, metadata={"help": "GRPO: completions sampled per prompt (the group)"})
-    max_steps: int = field(default=16, metadata={"help": "updates (rollout batches)"})
+    max_steps: int = field(default=12, metadata={"help": "updates (rollout batches)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "learning rate (policy LoRA and value model)"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name (PPO steps it once per rollout batch)"})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty to the reference (PPO kl_coef, GRPO beta)"})
@@ -155,8 +155,9 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 
 @torch.no_grad()
-def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
+def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
     """Summed log-prob of each response given its prompt (to check that the reference did not move)."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -164,6 +165,7 @@ def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], 
         ids = torch.tensor([p + r], device=device)
         logits = model(input_ids=ids, use_cache=False).logits[0, len(p) - 1:-1].float()
         out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, len(p):, None]).sum())
+    model.train(was_training)
     return torch.stack(out).cpu()
 
 
@@ -311,7 +313,7 @@ def main(cfg: Config) -> dict:
     start = held_out(policy, tokenizer, scorer, eval_prompts, cfg)
     log.info("held-out at the start: mean reward %.3f, mean length %.1f tokens, %.0f%% finished", start["mean_score"],
              start["mean_length"], 100 * start["finished"])
-    ref_logps_start = sequence_logps(policy, eval_prompts, start["responses"], tokenizer.pad_token_id)
+    ref_logps_start = sequence_logps(policy, eval_prompts, start["responses"])
 
     # ---- trainer ----------------------------------------------------------------------------------
     os.environ["ACCELERATE_MIXED_PRECISION"] = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
@@ -365,7 +367,7 @@ def main(cfg: Config) -> dict:
     end = held_out(policy_model, tokenizer, scorer, eval_prompts, cfg)
     if cfg.method == "lora":
         with policy_model.disable_adapter():
-            ref_logps_end = sequence_logps(policy_model, eval_prompts, start["responses"], tokenizer.pad_token_id)
+            ref_logps_end = sequence_logps(policy_model, eval_prompts, start["responses"])
         ref_change = float((ref_logps_end - ref_logps_start).abs().max())
     else:
         ref_change = None
@@ -377,13 +379,14 @@ def main(cfg: Config) -> dict:
     policy_model.save_pretrained(artifact)
     tokenizer.save_pretrained(artifact)
     print(f"\n=== held-out prompts: start -> end of {cfg.algorithm} (reward) ===")
-    for r, i in zip(eval_records[:6], range(6)):
+    for i, r in enumerate(eval_records[:6]):
         print(f"Q: {prompt_text(r)}\n  start ({start['scores'][i]:+.2f}): {start['texts'][i]}\n"
               f"  end   ({end['scores'][i]:+.2f}): {end['texts'][i]}")
     write_json(output_dir / "generations.json", {
         "prompts": [prompt_text(r) for r in eval_records],
-        "start": [{"response": t, "reward": s, "tokens": len(ids)} for t, s, ids in zip(start["texts"], start["scores"], start["responses"])],
-        "end": [{"response": t, "reward": s, "tokens": len(ids)} for t, s, ids in zip(end["texts"], end["scores"], end["responses"])]})
+        **{when: [{"response": t, "reward": s, "tokens": len(ids)}
+                  for t, s, ids in zip(run["texts"], run["scores"], run["responses"])]
+           for when, run in (("start", start), ("end", end))}})
 
     # ---- per-step log, metrics, manifest, plot ---------------------------------------------------
     keys = ({"kl": "objective/kl", "mean_reward": "objective/scores", "response_length": "objective/response_length",
@@ -410,9 +413,10 @@ def main(cfg: Config) -> dict:
         "recipe": "ppo", "algorithm": cfg.algorithm, "reward": cfg.reward, "method": cfg.method, "model": model_path,
         "reward_model": cfg.reward_model_path if cfg.reward == "model" else None,
         "device": device_name(device), "device_type": device.type, "world_size": trainer.accelerator.num_processes,
-        "precision": precision, "mixed_precision": trainer.accelerator.mixed_precision, "grpo_no_learning_signal": no_signal,
-        "pad_token": tokenizer.pad_token, "pad_token_changed": pad_note,
-        "steps": steps, "optimizer_steps": trainer.state.global_step,
+        "precision": precision, "mixed_precision": trainer.accelerator.mixed_precision,
+        "grpo_no_learning_signal": no_signal, "pad_token": tokenizer.pad_token, "pad_token_changed": pad_note,
+        "steps": steps, "updates": trainer.state.global_step,
+        "optimizer_steps": trainer.state.global_step * (cfg.ppo_epochs * cfg.num_mini_batches if cfg.algorithm == "ppo" else 1),
         "train_mean_reward_first_steps": sum(s["mean_reward"] for s in first) / k,
         "train_mean_reward_last_steps": sum(s["mean_reward"] for s in last) / k, "steps_averaged": k,
         "train_kl_last_steps": sum((s["kl"] or 0.0) for s in last) / k,

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny matmuls: OpenMP sync costs more than a 2nd thread gains
 LAUNCHER = ["bash", str(REPO / "launch" / "ppo.sh")]
 
 
@@ -27,7 +28,9 @@ def tiny_reward_model(tiny_dir, tmp_path_factory):
 def train(tiny_dir, reward_model, out, *extra):
     return run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--reward_model_path", str(reward_model),
                            "--output_dir", str(out), "--precision", "fp32", "--max_steps", "3",
-                           "--response_length", "8", "--learning_rate", "3e-3", *extra])
+                           "--response_length", "8", "--learning_rate", "3e-3",
+                           "--eval_dataset_path", "data/samples/preference_chat.jsonl", *extra],  # 8 held-out prompts
+               env=ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,8 @@ def test_run_directory_follows_the_contract(ppo_run):
                 "trained_tokens", "tokens_per_second", "wall_seconds", "peak_memory_bytes", "peak_memory_method",
                 "trainable_params", "total_params", "world_size", "device", "estimated_cost_usd"):
         assert m[key] is not None, key
-    assert (m["algorithm"], m["method"], m["optimizer_steps"], m["world_size"]) == ("ppo", "lora", 3, 1)
+    assert (m["algorithm"], m["method"], m["updates"], m["world_size"]) == ("ppo", "lora", 3, 1)
+    assert m["optimizer_steps"] == 3 * 2 * 4  # updates x ppo_epochs x num_mini_batches (recipes/configs/ppo.yaml)
     assert m["mixed_precision"] == "no"  # --precision fp32 reached PPOTrainer's own Accelerator
     # KL, mean reward and response length logged at every step
     assert [s["step"] for s in m["steps"]] == [1, 2, 3]
@@ -59,7 +63,7 @@ def test_run_directory_follows_the_contract(ppo_run):
     assert m["reference_logps_max_abs_change"] == 0.0 and m["reward_max_abs_change"] == 0.0
     assert m["value_trainable_params"] > 0 and m["pad_token_changed"] is None  # the tiny tokenizer pads with <|pad|>
     gens = json.loads((out / "generations.json").read_text())
-    assert len(gens["prompts"]) == len(gens["start"]) == len(gens["end"]) == 24
+    assert len(gens["prompts"]) == len(gens["start"]) == len(gens["end"]) == m["heldout_prompts"] == 8
     assert {"response", "reward", "tokens"} <= set(gens["start"][0]) and gens["start"][0]["tokens"] <= 8
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -93,8 +97,12 @@ def test_grpo_with_the_reward_model(tiny_dir, tiny_reward_model, tmp_path):
 
 
 def test_programmatic_reward_needs_grpo(tmp_path):
-    proc = run(LAUNCHER + ["--reward", "concise", "--output_dir", str(tmp_path)])
-    assert proc.returncode == 1 and "use --algorithm grpo" in proc.stderr and "Traceback" not in proc.stderr
+    from common.checks import CheckFailed
+    from recipes.ppo import Config, main
+
+    with pytest.raises(CheckFailed, match="for a programmatic reward use --algorithm grpo"):
+        main(Config(reward="concise", output_dir=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
 
 
 def test_concise_reward():
@@ -180,3 +188,28 @@ def test_grpo_without_reward_spread_trains_nothing_and_says_so(tiny_dir, tiny_re
     assert all(s["mean_reward"] == -1.0 and s["frac_reward_zero_std"] == 1.0 for s in m["steps"])
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(v.abs().sum() == 0 for k, v in adapter.items() if "lora_B" in k)  # still at LoRA's zero init
+
+
+def test_ppo_config_bf16_does_not_reach_ppo_trainers_own_accelerator():
+    """PPOTrainer builds `Accelerator(gradient_accumulation_steps=...)` itself: the config's bf16 is ignored and
+    mixed precision comes from ACCELERATE_MIXED_PRECISION, which recipes/ppo.py sets from --precision."""
+    import os
+    import subprocess
+    import sys
+
+    probe = """
+import inspect, os
+import trl.experimental.ppo.ppo_trainer as m
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from trl.experimental.ppo import PPOConfig
+assert "Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)" in inspect.getsource(m)
+args = PPOConfig(output_dir="/tmp/never-written", use_cpu=True, bf16=True)
+ignored = Accelerator(gradient_accumulation_steps=1, cpu=True).mixed_precision
+AcceleratorState._reset_state(True)
+os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+print(args.bf16, ignored, Accelerator(gradient_accumulation_steps=1, cpu=True).mixed_precision)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_MIXED_PRECISION"}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert proc.stdout.split() == ["True", "no", "bf16"], proc.stderr[-2000:]

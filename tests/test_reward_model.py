@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny matmuls: OpenMP sync costs more than a 2nd thread gains
 LAUNCHER = ["bash", str(REPO / "launch" / "reward_model.sh")]
 
 
 def train(tiny_dir, out, *extra):
     return run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--precision", "fp32",
-                           "--max_steps", "6", "--learning_rate", "3e-3", "--logging_steps", "1", *extra])
+                           "--max_steps", "6", "--learning_rate", "3e-3", "--logging_steps", "1", *extra], env=ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +135,15 @@ def test_bad_preference_pair_stops_the_recipe_before_the_model_loads(tmp_path):
 # ---------------------------------------------------------------- guards
 
 def test_pairs_longer_than_max_length_are_an_error_not_silently_dropped(tiny_dir, tmp_path):
-    """TRL's RewardTrainer filters out pairs longer than max_length without a word; the recipe refuses them."""
-    proc = train(tiny_dir, tmp_path / "short", "--max_length", "40")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "pairs are longer than --max_length 40 (TRL's RewardTrainer would drop them" in proc.stderr
-    assert "data/preference/train.jsonl:1 (" in proc.stderr
+    """TRL's RewardTrainer filters out pairs longer than max_length without a word; the recipe refuses them,
+    naming file:line, before it writes anything."""
+    from common.checks import CheckFailed
+    from recipes.reward_model import Config, main
+
+    with pytest.raises(CheckFailed, match=r"pairs are longer than --max_length 40 \(TRL's RewardTrainer would drop "
+                                          r"them without a word\): data/preference/train.jsonl:1 \("):
+        main(Config(model_name_or_path=str(tiny_dir), max_length=40, output_dir=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
 
 def test_score_head_left_frozen_by_a_lora_config_without_task_type_is_caught(tiny_dir):
     """peft's task_type decides whether the new `score` head trains. A LoraConfig without task_type (as in
