@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -173,6 +175,20 @@ def prepare_output_dir(output_dir: Path, config: dict, resume: bool = True) -> P
 
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved; rerun the same command to resume"
+
+
+def exit_for_requeue() -> None:
+    """Exit with REQUEUE_EXIT_CODE after a signal-triggered save. Under torchrun the recipe's own exit code is
+    lost (torchrun reports any failed worker as exit 1), so when the launcher exported FT_EXIT_STATUS_FILE the
+    code is also written there; launch/multigpu_qlora.sh reads it and exits 75, which the SLURM template
+    turns into a requeue."""
+    status_file = os.environ.get("FT_EXIT_STATUS_FILE")
+    if status_file:
+        try:
+            Path(status_file).write_text(f"{REQUEUE_EXIT_CODE}\n")
+        except OSError as e:  # the exit code still says it; the launcher then reports torchrun's
+            log.warning("could not write %s: %s", status_file, e)
+    sys.exit(REQUEUE_EXIT_CODE)
 
 
 class SaveOnSignal(TrainerCallback):

@@ -13,12 +13,16 @@
 # Caught before training (exit 1 with the fix): fewer GPUs visible than NPROC; a world size other than
 # NPROC x NNODES; ranks reading different data; a model spread by device_map="auto"; bf16 on hardware
 # without it. Exit code: non-zero if any rank fails (torchrun stops the others).
+# Preemption: SIGTERM/SIGINT to this script reaches every rank (via torchrun); they save a checkpoint
+# after the current step and the script exits 75 ("requeue": the SLURM template requeues on it; a
+# rerun resumes). SHUTDOWN_TIMEOUT (default 600 s) is how long torchrun waits for that save before
+# SIGKILL; keep it below your scheduler's grace time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   echo
   echo "Recipe options (python recipes/sft_multigpu_qlora.py --help):"
   exec "$PY" recipes/sft_multigpu_qlora.py --help
@@ -46,8 +50,28 @@ if [[ "$DEVICE" == cpu ]]; then
 fi
 
 cmd=("$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC" --node_rank "$NODE_RANK"
-     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --shutdown_timeout "${SHUTDOWN_TIMEOUT:-600}"
      recipes/sft_multigpu_qlora.py --config "$CONFIG" --device "$DEVICE" --sharding "$SHARDING"
      --expected_world_size $(( NPROC * NNODES )) "$@")
 echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+
+# torchrun reports any failed worker as exit 1, so the ranks' "saved, requeue me" (75) comes back through
+# a file (common.checkpoints.exit_for_requeue). Signals are forwarded to torchrun, which passes them on.
+FT_EXIT_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/ft-exit-status.XXXXXX")
+export FT_EXIT_STATUS_FILE
+trap 'rm -f "$FT_EXIT_STATUS_FILE"' EXIT
+"${cmd[@]}" &
+pid=$!
+trap 'echo "multigpu_qlora.sh: signal received: ranks save a checkpoint after this step, then exit 75" >&2
+      kill -TERM "$pid" 2>/dev/null || true' TERM INT
+rc=0
+wait "$pid" || rc=$?
+while kill -0 "$pid" 2>/dev/null; do  # wait returned early because a trapped signal arrived
+  rc=0
+  wait "$pid" || rc=$?
+done
+if grep -qx 75 "$FT_EXIT_STATUS_FILE" 2>/dev/null; then
+  echo "multigpu_qlora.sh: stopped by a signal after a validated checkpoint; exit 75 (requeue; rerun to resume)" >&2
+  exit 75
+fi
+exit "$rc"

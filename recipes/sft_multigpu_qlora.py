@@ -34,7 +34,7 @@ from common import checks  # noqa: E402
 from common import distributed as ddp  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, OutputDirError, SaveOnSignal,  # noqa: E402
-                                prepare_output_dir)
+                                exit_for_requeue, prepare_output_dir)
 from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
@@ -179,8 +179,9 @@ def main(cfg: Config) -> dict | None:
     before = mean_batch_loss(model, eval_features, collator) if eval_features and not guard else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     if preempted.received:
-        log.warning("stopped by a signal at step %d; checkpoint saved; rerun to resume", trainer.state.global_step)
-        sys.exit(REQUEUE_EXIT_CODE)  # the finally below destroys the process group
+        log.warning("stopped by a signal at step %d; checkpoint saved; rerun to resume (exit code %d)",
+                    trainer.state.global_step, REQUEUE_EXIT_CODE)
+        exit_for_requeue()  # SystemExit(75): the finally below destroys the process group
     if guard:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)

@@ -209,3 +209,37 @@ def test_uniform_dtype_check_names_the_dtypes(tiny_dir):
         ddp.check_uniform_dtype(m)
     ddp.cast_for_sharding(m, torch.bfloat16)
     ddp.check_uniform_dtype(m)
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_exits_75_and_the_rerun_resumes(tiny_dir, tmp_path):
+    """Preemption through torchrun: the launcher forwards SIGTERM, both ranks stop at the same step after a
+    validated checkpoint, and the launcher exits 75 although torchrun itself reports the workers as failed."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "preempt"
+    cmd = LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--precision", "fp32",
+                      "--max_steps", "12", "--save_steps", "1000", "--logging_steps", "1"]
+    env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=free_port())
+    with open(tmp_path / "run.log", "w") as log:
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while "'loss'" not in (tmp_path / "run.log").read_text() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 75, (tmp_path / "run.log").read_text()[-3000:]
+    text = (tmp_path / "run.log").read_text()
+    assert text.count("received SIGTERM: saving a checkpoint after this optimizer step") == 2  # both ranks
+    assert "exit 75 (requeue; rerun to resume)" in text
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "checkpoint_ok.json").is_file() and not (out / "metrics.json").exists()
+    step = int(saved[0].name.split("-")[1])
+    assert 0 < step < 12
+
+    env["MASTER_PORT"] = free_port()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {saved[0]}" in proc.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["optimizer_steps"] == 12 and m["replicas_in_sync"]

@@ -14,8 +14,10 @@ if [[ "$1 $2" == "show hostnames" ]]; then printf 'node-a\\nnode-b\\n'; exit 0; 
 echo "$@" >> "$STUB_LOG/scontrol.txt"
 """
 STUB_SRUN = """#!/usr/bin/env bash
+trap 'echo TERM > "$STUB_LOG/step_signal.txt"; exit 75' TERM   # a real step saves, then exits 75
 { echo "ARGS $*"; echo "MASTER_ADDR=$MASTER_ADDR NNODES=$NNODES NPROC=$NPROC"; } > "$STUB_LOG/srun.txt"
-exec sleep 60
+sleep 60 &
+wait
 """
 
 
@@ -43,9 +45,35 @@ def test_sbatch_template_requeues_on_signal(tmp_path, sig):
         job.send_signal(sig)
         job.wait(timeout=20)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the stub srun (sleep) is still running, as a real step would be
+        try:
+            os.killpg(job.pid, signal.SIGKILL)  # the stub's `sleep`, if anything is left
+        except ProcessLookupError:
+            pass
         log.close()
     out = (tmp_path / "job.log").read_text()
     assert job.returncode == 0, out
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert "requeueing job 4242" in out
+    assert (tmp_path / "step_signal.txt").read_text().strip() == "TERM"  # the step was told to checkpoint first
+
+
+@pytest.mark.parametrize("step_exit, requeued", [(75, True), (1, False), (0, False)],
+                         ids=["step-saved-and-asked-for-requeue", "step-failed", "step-finished"])
+def test_sbatch_requeues_only_a_step_that_exits_75(tmp_path, step_exit, requeued):
+    """A step whose ranks were signalled directly (SLURM preemption sends SIGTERM to the tasks too) saves,
+    exits 75 through launch/multigpu_qlora.sh, and the job is requeued; a failed or finished step is not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("scontrol", STUB_SCONTROL), ("srun", f"#!/usr/bin/env bash\nexit {step_exit}\n")):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=str(tmp_path), SLURM_JOB_ID="77",
+               SLURM_JOB_NAME="qlora", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node-a", SLURM_SUBMIT_DIR=str(REPO))
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm_multigpu_qlora.sbatch")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    requeue_log = tmp_path / "scontrol.txt"
+    if requeued:
+        assert proc.returncode == 0 and requeue_log.read_text().split() == ["requeue", "77"], proc.stdout
+        assert "step exited 75: requeueing job 77" in proc.stdout
+    else:
+        assert proc.returncode == step_exit and not requeue_log.exists(), proc.stdout
