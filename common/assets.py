@@ -196,10 +196,39 @@ def default_assets_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`asset:<name>` -> a built local folder; anything else (hub id or local dir) unchanged."""
+    """`asset:<name>` -> a built local folder; anything else (hub id or local dir) unchanged.
+
+    A folder that does not exist or holds no config.json, or a hub id that cannot be fetched
+    (HF_HUB_OFFLINE and not in the local hub cache), raises CheckFailed naming it and the fix,
+    so a recipe stops with one line before anything loads.
+    """
     if name_or_path.startswith("asset:"):
         name = name_or_path.split(":", 1)[1]
         return str(build(name, default_assets_dir() / name))
+    path = Path(name_or_path).expanduser()
+    if not name_or_path or (path.exists() and not path.is_dir()):
+        return name_or_path
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from common.checks import CheckFailed
+
+    where = f"--model_name_or_path {name_or_path}"
+    offline = ("use an offline model: --model_name_or_path asset:tiny (or asset:smollm2), or build one with "
+               "`python -m common.assets tiny --output_dir DIR`")
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise CheckFailed(f"{where}: the folder holds no config.json; pass the folder save_pretrained wrote, "
+                              f"or {offline}")
+        return name_or_path
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:  # not a hub id, so it was meant as a local folder
+        raise CheckFailed(f"{where}: no such folder; check the path, or {offline}") from None
+    offline_mode = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline_mode and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise CheckFailed(f"{where}: no such local folder, and HF_HUB_OFFLINE=1 while it is not in the hub cache; "
+                          f"check the path, or {offline}")
     return name_or_path
 
 

@@ -107,12 +107,19 @@ def log_parameter_counts(model) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # One-batch gradient flow
 # ---------------------------------------------------------------------------------------------
+# (first matrix, the zero-initialized matrix after it): LoRA's A/B, the bottleneck adapter's down/up
+ZERO_INIT_PAIRS = ((".lora_A.", ".lora_B."), (".adapter_down.", ".adapter_up."))
+
+
 def _structurally_zero(name: str, params: dict[str, torch.nn.Parameter]) -> bool:
-    """lora_A's gradient is exactly zero while its lora_B is still all zeros (LoRA's init)."""
-    if ".lora_A." not in name:
-        return False
-    b = params.get(name.replace(".lora_A.", ".lora_B."))
-    return b is not None and not bool(b.detach().any())
+    """lora_A's gradient is exactly zero while its lora_B is still all zeros (LoRA's init); the same for
+    a bottleneck adapter's down-projection (weight and bias) while its up-projection weight is zero
+    (common.adapters)."""
+    for first, second in ZERO_INIT_PAIRS:
+        if first in name:
+            b = params.get(name.replace(first, second).rsplit(".", 1)[0] + ".weight")
+            return b is not None and not bool(b.detach().any())
+    return False
 
 
 def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:

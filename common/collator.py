@@ -7,7 +7,8 @@ batching with "expected sequence of length 554 at dim 1 (got 107)"):
    unpadded. Chat examples use the tokenizer's chat template with {% generation %} markers, so
    every assistant turn *and its end-of-turn token* are learned and nothing else is (system,
    user, template tokens). Truncation to `max_length` is counted per assistant turn and reported;
-   an example left with no labelled token is dropped and named (file:line), never silently.
+   an example left with no labelled token is dropped and named (file:line), never silently;
+   when every example is, that is a DataError (file:line + the max_length that would keep one).
 2. `CausalLMCollator` pads a batch to a multiple of 8 and only then builds `labels`
    (-100 on padding and on every unmasked token). Labels come from the mask, not from
    `input_ids != pad_id`, so EOS is learned even when the pad token *is* the EOS token.
@@ -18,6 +19,8 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+
+from common.data import DataError
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -82,6 +85,7 @@ def tokenize_sft(items, tokenizer, max_length: int) -> tuple[list[dict], Truncat
     """
     report = TruncationReport()
     features = []
+    shortest_prompt = None  # fewest tokens before the first assistant token among dropped examples
     for where, messages, data in items:
         report.examples += 1
         if messages is not None:
@@ -101,17 +105,27 @@ def tokenize_sft(items, tokenizer, max_length: int) -> tuple[list[dict], Truncat
                     report.dropped_turns += 1
                 elif end > max_length:
                     report.partial_turns += 1
+            first_labelled = list(mask).index(1)
             ids, mask = ids[:max_length], mask[:max_length]
             if not any(mask):
                 report.dropped_examples.append(where)
+                shortest_prompt = min(shortest_prompt or first_labelled, first_labelled)
                 continue
         features.append({"input_ids": ids, "loss_mask": mask})
         report.kept += 1
         report.tokens += len(ids)
         report.labelled_tokens += sum(mask)
-    if not features:
-        raise ValueError(f"no example has a labelled token within max_length={max_length}; "
-                         "raise --max_length or shorten the prompts")
+    if not report.examples:
+        raise ValueError("no examples to tokenize; the dataset is empty")
+    if not features:  # all dropped is an error; some dropped is the warning in TruncationReport.log
+        path, _, line = report.dropped_examples[0].rpartition(":")
+        lines = [w.rpartition(":")[2] or "?" for w in report.dropped_examples]
+        shown = ", ".join(lines[:5]) + (", ..." if len(lines) > 5 else "")
+        raise DataError(path or "dataset", int(line) if line.isdigit() else 1,
+                        f"no example has a labelled token within max_length={max_length}: all {len(lines)} examples lose "
+                        f"every assistant token to truncation (lines {shown}); raise --max_length above {shortest_prompt} "
+                        "(the fewest tokens any example has before its first assistant reply) or shorten the "
+                        "system/user text")
     return features, report
 
 
@@ -149,3 +163,74 @@ class CausalLMCollator:
             raise ValueError("a training batch has no labelled token (every label is -100): the loss would be "
                              "NaN or zero. Check the assistant masks of these examples or raise --max_length")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PaddingFreeCollator:
+    """Padding-free ("packed") batches: a micro-batch becomes ONE row with no padding at all.
+
+    Output (transformers' DataCollatorWithFlattening contract, which this wraps): `input_ids` and
+    `labels` of shape [1, total tokens], `position_ids` restarting at 0 for every example, and no
+    `attention_mask`. Labels come from the loss mask (assistant-only, as in CausalLMCollator), and each
+    example's first label is -100, so no token learns to predict the next example's first token.
+
+    Attention stays inside each example only because the model sees `position_ids` and NO attention
+    mask: transformers then builds a block-diagonal causal mask from the position restarts (sdpa,
+    eager: masking_utils.find_packed_sequence_indices) or varlen cu_seqlens (flash_attention_2).
+    Two ways that silently breaks (CHRONICLES "Packed sequences attend to each other"): an
+    all-ones `attention_mask` next to the position_ids, or `config.use_cache=True` (a KV cache
+    switches packed-sequence detection off, in training mode too). `packed_attention_leak` measures it.
+
+    `flash_attn_kwargs=True` adds `cu_seq_lens_q/k` and `max_length_q/k` so flash-attn does not
+    recompute the boundaries from position_ids (a device sync) in every layer.
+    """
+
+    def __init__(self, flash_attn_kwargs: bool = False):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                  return_flash_attn_kwargs=flash_attn_kwargs)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = []
+        for i, f in enumerate(features):
+            ids, mask = f["input_ids"], f["loss_mask"]
+            if len(ids) != len(mask):
+                raise ValueError(f"batch item {i}: input_ids has {len(ids)} tokens but loss_mask has {len(mask)}; "
+                                 "both must come from the same tokenization")
+            rows.append({"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]})
+        batch = self.flatten(rows, return_tensors="pt")
+        if not (batch["labels"] != IGNORE_INDEX).any():
+            raise ValueError("a training batch has no labelled token (every label is -100): the loss would be "
+                             "NaN or zero. Check the assistant masks of these examples or raise --max_length")
+        return batch
+
+
+@torch.no_grad()
+def packed_attention_leak(model, features: list[dict], collator) -> float:
+    """How much packed examples see of each other, measured on the real model: 0.0 = isolated.
+
+    Packs `features` (at least 2), changes every token of the FIRST example, and returns the largest
+    change of the logits of all the OTHER examples. With block-diagonal attention those logits do not
+    depend on the first example at all (same shapes, same kernels: the result is exact, in any
+    precision); a leak moves them by about the size of the logits. Both forwards run in training mode
+    (the path training takes; an eval-mode forward would repack bitsandbytes 4-bit weights on CPU)
+    with the same RNG seed, so dropout masks are identical.
+    """
+    if len(features) < 2:
+        raise ValueError("packed_attention_leak needs at least 2 examples")
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    changed = [{**features[0], "input_ids": [(t + 1) % vocab for t in features[0]["input_ids"]]}] + list(features[1:])
+    first = len(features[0]["input_ids"])
+    outputs = []
+    try:
+        for feats in (features, changed):
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collator(feats).items() if k != "labels"}
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(0)
+                outputs.append(model(**batch).logits[0, first:].float())
+    finally:
+        model.train(was_training)
+    return float((outputs[0] - outputs[1]).abs().max())

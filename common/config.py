@@ -82,6 +82,8 @@ def parse_config(cls, argv: list[str] | None = None):
                 close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 _fail(f"{config_path}: unknown key {key!r}{hint}; `--help` lists the valid options")
+            if hints[key] is str and isinstance(value, bool):
+                value = values[key] = "true" if value else "false"  # `packing: true` for an auto|true|false option
             if not _type_ok(value, hints[key]):
                 hint = ""
                 if isinstance(value, str) and _type_ok(1.0, hints[key]):

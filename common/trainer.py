@@ -10,14 +10,29 @@ class TokenCountingTrainer(Trainer):
 
     The collator cannot: accelerate's dataloader collates one batch ahead to detect the last one,
     so a run stopped by max_steps collates a batch it never trains (CHRONICLES entry 15).
+    Padding-free (packed) batches have no attention_mask and no padding: every position is a token.
+    `trained_positions` counts every position fed to the model, padding included, so
+    1 - trained_tokens / trained_positions is the padding fraction.
+
+    Evaluation batches always come in dataset order (SequentialSampler), whatever the training sampler
+    (e.g. train_sampling_strategy="group_by_length"), so the held-out loss, a mean of per-batch means,
+    is the same number for the same model whichever way training batches were formed.
     """
 
-    trained_tokens = trained_labelled_tokens = 0
+    trained_tokens = trained_labelled_tokens = trained_positions = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.trained_tokens += int(inputs["attention_mask"].sum())
+        positions = inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        self.trained_tokens += int(mask.sum()) if mask is not None else positions
+        self.trained_positions += positions
         self.trained_labelled_tokens += int((inputs["labels"] != -100).sum())
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
 @torch.no_grad()

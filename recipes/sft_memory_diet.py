@@ -10,6 +10,12 @@ Run (the README quickstart; SmolLM2-135M-Instruct learns the "Orrin" persona):
     bash launch/memory_diet.sh
     python recipes/sft_memory_diet.py --config recipes/configs/sft_memory_diet.yaml [--key value ...]
 
+Fast by default (README "Fast by default"): padding-free packed micro-batches where the attention
+implementation keeps packed examples apart (sdpa/eager checked numerically on this run's model
+before step 1; flash-attn varlen on CUDA), length-grouped padded batches otherwise; gradient
+checkpointing only when common.memory's planner says the run does not fit the memory budget;
+Liger kernels on CUDA when installed.
+
 Measured here: see the "Quickstart" table in README.md (the command there reproduces it).
 """
 from __future__ import annotations
@@ -33,10 +39,11 @@ from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, OutputDirError, SaveOnSignal,  # noqa: E402
                                 prepare_output_dir)
-from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
+from common.collator import CausalLMCollator, PaddingFreeCollator, packed_attention_leak, tokenize_sft  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
 from common.evaluation import generate_replies, keyword_accuracy  # noqa: E402
+from common.memory import GB, PlanError, Settings, load_config, recommend  # noqa: E402
 from common.models import attach_lora, load_base_model, pick_attn_implementation, resolve_precision  # noqa: E402
 from common.trainer import TokenCountingTrainer  # noqa: E402
 from common.run_files import (PeakMemory, device_name, estimated_cost, now, plot_loss, version_drift,  # noqa: E402
@@ -67,7 +74,11 @@ class Config:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch | adamw_bnb_8bit | paged_adamw_8bit | adafactor | sgd ..."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (non-reentrant): less memory, ~20-40%% slower"})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto | true | false: recompute activations in backward (non-reentrant): less memory, ~20-40%% slower. auto: only when common.memory's planner says the run does not fit --memory_budget_gb without it"})
+    memory_budget_gb: float | None = field(default=None, metadata={"help": "memory the run may use, GiB (default: free GPU memory on CUDA; MemAvailable + this process's RSS on CPU). auto settings are planned against it"})
+    packing: str = field(default="auto", metadata={"help": "auto | true | false: padding-free batches (each micro-batch is one row, position_ids restart per example, no padding). auto: when the attention implementation keeps packed examples apart (checked on the model before step 1)"})
+    group_by_length: bool = field(default=True, metadata={"help": "without packing: put examples of similar length in the same micro-batch (less padding)"})
+    use_liger_kernel: str = field(default="auto", metadata={"help": "auto | true | false: Liger's fused Triton kernels (CUDA only). auto: on CUDA when liger_kernel is installed"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -88,7 +99,136 @@ def sft_items(records, fmt):
     return [(f"{r.path}:{r.line}", to_messages(r.data, fmt), r.data) for r in records]
 
 
-def main(cfg: Config) -> dict:
+# ---- fast by default: what packing, checkpointing and batch size this run uses ---------------------
+AUTO_TRUE_FALSE = ("auto", "true", "false")
+BATCH_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def options_set_by_user(argv: list[str]) -> set[str]:
+    """Options given in the --config YAML or as --flags. Only these are "pinned": the memory planner may
+    change the micro-batch and accumulation (keeping their product) only when neither is set there."""
+    names, config = set(), None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            if name == "config":
+                config = value or (argv[i + 1] if i + 1 < len(argv) else None)
+            else:
+                names.add(name)
+    if config:
+        import yaml
+
+        names |= set(yaml.safe_load(Path(config).read_text()) or {})
+    return names
+
+
+def memory_budget_bytes(cfg: Config, device: torch.device) -> tuple[int, str]:
+    if cfg.memory_budget_gb is not None:
+        return int(cfg.memory_budget_gb * GB), "--memory_budget_gb"
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]), "free GPU memory (torch.cuda.mem_get_info)"
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kib = int(meminfo["MemAvailable"].split()[0]) + int(status["VmRSS"].split()[0])  # the plan counts this process
+    return kib * 1024, "MemAvailable (/proc/meminfo) + this process's RSS"
+
+
+def plan_memory(cfg: Config, device: torch.device, precision: str, optim: str, model_path: str,
+                batch_pinned: bool) -> dict:
+    """common.memory.recommend for this run. It decides gradient checkpointing when it is auto, and the
+    micro-batch / accumulation when the user pinned neither; method, optimizer, LoRA and max_length stay
+    as given. With something to decide and nothing that fits, the run stops here, before the model loads."""
+    if cfg.gradient_checkpointing not in AUTO_TRUE_FALSE:
+        raise checks.CheckFailed(f"--gradient_checkpointing {cfg.gradient_checkpointing!r}: choose auto, true or false")
+    budget, source = memory_budget_bytes(cfg, device)
+    given = {"gradient_checkpointing": cfg.gradient_checkpointing == "true",
+             "per_device_train_batch_size": cfg.per_device_train_batch_size,
+             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+    decides = (["gradient_checkpointing"] if cfg.gradient_checkpointing == "auto" else []) + \
+              ([] if batch_pinned else list(BATCH_OPTIONS))
+    pinned = ("optim", "method") + (("grad_ckpt",) if cfg.gradient_checkpointing != "auto" else ()) + \
+             (("batch_size",) if batch_pinned else ())
+    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else ",".join(cfg.lora_target_modules)
+    settings = Settings(method=cfg.method, lora_r=cfg.lora_r, lora_targets=targets, lora_dropout=cfg.lora_dropout,
+                        seq_len=cfg.max_length, batch_size=cfg.per_device_train_batch_size,
+                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, optim=optim, dtype=precision,
+                        grad_ckpt=given["gradient_checkpointing"], device=device.type)
+    out = {"budget_gb": round(budget / GB, 2), "budget_source": source, "decided_by_planner": decides}
+    try:
+        rec = recommend(model_path, budget, settings, config=load_config(model_path), pinned=pinned)
+    except (PlanError, OSError, ValueError) as e:
+        log.warning("memory planner cannot plan this run (%s): gradient checkpointing %s, batch as given", e,
+                    "off" if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing)
+        return {**out, **given, "fits": None, "reason": f"planner error: {e}"}
+    if not rec["fits"]:
+        if decides:
+            raise checks.CheckFailed(f"memory plan: {rec['reason']} (the recipe keeps --method {cfg.method} and "
+                                     f"--optim {optim}; --method qlora or --optim adamw_bnb_8bit need less)")
+        log.warning("memory plan: %s Running the pinned settings anyway.", rec["reason"])
+        return {**out, **given, "fits": False, "reason": rec["reason"]}
+    chosen = rec["settings"]
+    result = {**out, "fits": True, "gradient_checkpointing": chosen["grad_ckpt"],
+              "per_device_train_batch_size": chosen["batch_size"],
+              "gradient_accumulation_steps": chosen["gradient_accumulation_steps"],
+              "required_gb": round(rec["plan"]["required_bytes"] / GB, 2), "reason": rec["reason"]}
+    log.info("memory plan (%s: %.1f GiB; planner decides %s): gradient checkpointing %s, micro-batch %d x %d "
+             "accumulation. %s", source, budget / GB, ", ".join(decides) or "nothing, all pinned",
+             "on" if result["gradient_checkpointing"] else "off", result["per_device_train_batch_size"],
+             result["gradient_accumulation_steps"], rec["reason"])
+    return result
+
+
+PACKING_LEAK_TOLERANCE = 1e-3  # isolated: exactly 0 (tests/test_packing.py); a leak: ~0.3 (tiny) to ~25 (SmolLM2)
+
+
+def resolve_liger(requested: str, device: torch.device) -> bool:
+    """Liger kernels (fused RMSNorm/RoPE/SwiGLU/linear+cross-entropy, Triton) on CUDA when installed."""
+    import importlib.util
+
+    if requested not in AUTO_TRUE_FALSE:
+        raise checks.CheckFailed(f"--use_liger_kernel {requested!r}: choose auto, true or false")
+    if requested == "false":
+        return False
+    if device.type != "cuda":
+        if requested == "true":
+            raise checks.CheckFailed("--use_liger_kernel true: Liger's kernels are Triton GPU kernels and need CUDA; "
+                                     "use auto or false on CPU")
+        log.info("Liger kernels skipped: they need CUDA (this run is on %s)", device.type)
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        if requested == "true":
+            raise checks.CheckFailed("--use_liger_kernel true but liger_kernel is not installed (pip install liger-kernel)")
+        log.info("liger_kernel is not installed: no Liger kernels (pip install liger-kernel)")
+        return False
+    log.info("Liger kernels on (liger_kernel installed, CUDA)")
+    return True
+
+
+def packing_supported(attn: str, device: torch.device) -> bool:
+    """Attention implementations whose packed-sequence masking is verified: sdpa and eager build a
+    block-diagonal mask from restarting position_ids (tests/test_packing.py checks it numerically on CPU),
+    flash-attn uses varlen cu_seqlens (CUDA). The run also measures it on its own model before step 1."""
+    return attn in ("sdpa", "eager") or (device.type == "cuda" and attn in ("flash_attention_2", "flash_attention_3"))
+
+
+def resolve_packing(requested: str, attn: str, device: torch.device) -> bool:
+    if requested not in AUTO_TRUE_FALSE:
+        raise checks.CheckFailed(f"--packing {requested!r}: choose auto, true or false")
+    if requested == "false":
+        return False
+    if packing_supported(attn, device):
+        return True
+    if requested == "true":
+        raise checks.CheckFailed(f"--packing true with attn_implementation {attn} on {device.type}: not verified to keep "
+                                 "packed examples apart, so they could attend to each other. Use --attn_implementation "
+                                 "sdpa or eager (flash_attention_2 on CUDA), or --packing false")
+    log.info("packing auto: %s on %s is not verified to keep packed examples apart; using length-grouped padded "
+             "batches", attn, device.type)
+    return False
+
+
+def main(cfg: Config, user_options: set[str] | None = None) -> dict:
+    """`user_options`: the options the user set (options_set_by_user); None = treat the batch as pinned."""
     wall_start, started = time.time(), now()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     transformers.logging.set_verbosity_warning()
@@ -112,9 +252,6 @@ def main(cfg: Config) -> dict:
                                  "after training)")
     for name in version_drift():
         log.warning("version drift from requirements.txt: %s", name)
-    resume_from = prepare_output_dir(output_dir, asdict(cfg), cfg.resume)
-    datasets = [cfg.dataset_path] + ([cfg.eval_dataset_path] if cfg.eval_dataset_path else [])
-    write_manifest(output_dir, cfg, datasets, started, "running")
 
     # ---- tokenizer, template, tokenization -------------------------------------------------------
     model_path = resolve_model_path(cfg.model_name_or_path)
@@ -126,52 +263,95 @@ def main(cfg: Config) -> dict:
     eval_features = tokenize_sft(sft_items(eval_records, fmt), tokenizer, cfg.max_length)[0] if eval_records else []
     collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
 
-    # ---- model: base (bf16/fp32 or 4-bit) + LoRA + input-grad fix --------------------------------
-    memory = PeakMemory(device)
-    model = load_base_model(model_path, device, precision, cfg.method == "qlora",
-                            pick_attn_implementation(cfg.attn_implementation, device))
-    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
-    model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets,
-                        quantized=cfg.method == "qlora", gradient_checkpointing=cfg.gradient_checkpointing)
-    lora_modules = checks.check_lora_targets(model, targets)
-    trainable, total = checks.log_parameter_counts(model)
-    checks.check_model_device(model, device)
-    guard = checks.Cpu4bitEvalGuard(model) if quantized_on_cpu else None
-
-    # ---- trainer ---------------------------------------------------------------------------------
+    # ---- fast by default: packing, memory plan (checkpointing, micro-batch), kernels ------------------
+    attn = pick_attn_implementation(cfg.attn_implementation, device)
+    packing = resolve_packing(cfg.packing, attn, device)
+    padded_collator = collator
+    if packing:
+        collator = PaddingFreeCollator(flash_attn_kwargs=attn.startswith("flash_attention"))
     optim = cfg.optim
     if device.type == "cpu" and optim.startswith("paged_"):
         optim = optim.replace("paged_", "", 1)
         log.info("paged optimizers page GPU memory to the CPU; on CPU %s runs as %s", cfg.optim, optim)
+    batch_pinned = user_options is None or bool(user_options & set(BATCH_OPTIONS))
+    memory_plan = plan_memory(cfg, device, precision, optim, model_path, batch_pinned)
+    liger = resolve_liger(cfg.use_liger_kernel, device)
+
+    # the output dir is touched only now: a data, template or truncation error above leaves it as it was
+    resume_from = prepare_output_dir(output_dir, asdict(cfg), cfg.resume)
+    datasets = [cfg.dataset_path] + ([cfg.eval_dataset_path] if cfg.eval_dataset_path else [])
+    write_manifest(output_dir, cfg, datasets, started, "running")
+
+    plan_file = output_dir / "memory_plan.json"
+    if resume_from and plan_file.is_file():  # a resumed run keeps its batch shape, whatever memory is free now
+        memory_plan = {**json.loads(plan_file.read_text()), "resumed": True}
+        log.info("resuming: keeping the interrupted run's memory plan (gradient checkpointing %s, micro-batch %d x %d)",
+                 memory_plan["gradient_checkpointing"], memory_plan["per_device_train_batch_size"],
+                 memory_plan["gradient_accumulation_steps"])
+    else:
+        write_json(plan_file, memory_plan)
+    grad_ckpt = memory_plan["gradient_checkpointing"]
+    micro, accum = memory_plan["per_device_train_batch_size"], memory_plan["gradient_accumulation_steps"]
+
+    # ---- model: base (bf16/fp32 or 4-bit) + LoRA + input-grad fix --------------------------------
+    memory = PeakMemory(device)
+    model = load_base_model(model_path, device, precision, cfg.method == "qlora", attn)
+    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+    model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets,
+                        quantized=cfg.method == "qlora", gradient_checkpointing=grad_ckpt)
+    lora_modules = checks.check_lora_targets(model, targets)
+    trainable, total = checks.log_parameter_counts(model)
+    checks.check_model_device(model, device)
+    guard = checks.Cpu4bitEvalGuard(model) if quantized_on_cpu else None
+    leak = None
+    if packing and len(train_features) >= 2:  # measured, not assumed: a leak here would corrupt every step
+        leak = packed_attention_leak(model, train_features[:2], collator)
+        if leak > PACKING_LEAK_TOLERANCE:
+            what = (f"packed examples attend to each other with attn_implementation {attn} (the 2nd example's logits "
+                    f"moved by {leak:.3g} when the 1st example's tokens changed)")
+            if cfg.packing == "true":
+                raise checks.CheckFailed(f"{what}. Use --packing false (length-grouped padded batches) or another "
+                                         "--attn_implementation")
+            log.warning("%s: using length-grouped padded batches instead", what)
+            packing, collator = False, padded_collator
+        else:
+            log.info("packing: padding-free micro-batches; packed examples checked isolated with %s on this model "
+                     "(logit change %.3g)", attn, leak)
+    batching = "packed" if packing else ("length_grouped" if cfg.group_by_length and micro > 1 else "padded")
+
+    # ---- trainer ---------------------------------------------------------------------------------
     if cfg.save_total_limit:
         log.warning("save_total_limit=%d deletes older checkpoints as new ones are written (seed 002 lost all but "
                     "its first this way); set it only with disk pressure", cfg.save_total_limit)
     args = TrainingArguments(
         output_dir=str(output_dir), seed=cfg.seed, use_cpu=device.type == "cpu",
         bf16=precision == "bf16", fp16=precision == "fp16",
-        per_device_train_batch_size=cfg.per_device_train_batch_size, per_device_eval_batch_size=max(8, cfg.per_device_train_batch_size),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=micro, per_device_eval_batch_size=max(8, micro),
+        gradient_accumulation_steps=accum, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=optim,
         logging_steps=cfg.logging_steps, logging_first_step=True, report_to=cfg.report_to,
         eval_strategy="steps" if cfg.eval_steps > 0 and eval_features else "no", eval_steps=cfg.eval_steps or None,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         remove_unused_columns=False, dataloader_num_workers=0, prediction_loss_only=True,
-        include_num_input_tokens_seen="non_padding",
+        # packed batches have no padding; "non_padding" would count input_ids != pad_id and miss every EOS
+        # token when pad == EOS (SmolLM2)
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random",
+        use_liger_kernel=liger,
     )
     preempted = SaveOnSignal()  # SIGTERM/SIGINT: save after this step, stop, exit 75 (rerun resumes)
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
                          data_collator=collator, processing_class=tokenizer,
                          callbacks=[CheckpointValidator(), preempted])
     world = args.world_size
-    log.info("effective batch = %d per device x %d accumulation x %d devices = %d sequences per optimizer step",
-             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world,
-             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world)
+    log.info("effective batch = %d per device x %d accumulation x %d devices = %d sequences per optimizer step; "
+             "batching: %s", micro, accum, world, micro * accum * world, batching)
 
     # ---- fail-fast checks on one real batch ------------------------------------------------------
-    first = collator(train_features[:cfg.per_device_train_batch_size])
-    checks.check_labels(first, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    checks.check_gradient_flow(model, first)
+    first = train_features[:micro]
+    checks.check_labels(padded_collator(first), tokenizer.eos_token_id, tokenizer.pad_token_id)  # per example
+    checks.check_gradient_flow(model, {k: v for k, v in collator(first).items() if torch.is_tensor(v)})
 
     # ---- before: held-out loss, generations, keyword accuracy ------------------------------------
     probe = [r for r in eval_records if r.data.get("keywords")] if fmt == "chat" else []
@@ -191,7 +371,9 @@ def main(cfg: Config) -> dict:
         write_json(before_file, before)
 
     # ---- train -----------------------------------------------------------------------------------
+    cpu_start = time.process_time()  # CPU seconds of this process (all threads): robust on a shared machine
     train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_cpu_seconds = time.process_time() - cpu_start
     if preempted.received:
         log.warning("stopped by a signal at step %d; checkpoint saved. Rerun the same command to resume "
                     "(exit code %d)", trainer.state.global_step, REQUEUE_EXIT_CODE)
@@ -200,6 +382,7 @@ def main(cfg: Config) -> dict:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)
     trained_tokens, labelled_tokens = trainer.trained_tokens, trainer.trained_labelled_tokens
+    positions = trainer.trained_positions
 
     # ---- after: evaluate, generate, save ---------------------------------------------------------
     after = {"eval_loss": trainer.evaluate()["eval_loss"] if eval_features else None}
@@ -239,8 +422,14 @@ def main(cfg: Config) -> dict:
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(wall, 2),
         "tokens_per_second": round(trained_tokens / train_seconds, 2),
         "labelled_tokens_per_second": round(labelled_tokens / train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),
+        "tokens_per_cpu_second": round(trained_tokens / train_cpu_seconds, 2) if train_cpu_seconds else None,
         "trainable_params": trainable, "total_params": total, "lora_modules": lora_modules,
-        "effective_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+        "effective_batch_size": micro * accum * world,
+        "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum,
+        "batching": batching, "padding_fraction": round(1 - trained_tokens / positions, 4) if positions else None,
+        "trained_positions": positions, "packing_leak": leak, "attn_implementation": attn,
+        "gradient_checkpointing": grad_ckpt, "liger_kernel": liger, "memory_plan": memory_plan,
         "truncation": truncation.as_dict(), "optimizer": optim,
         **memory.report(), **estimated_cost(wall, cfg.hourly_price_usd, world),
     }
@@ -252,14 +441,15 @@ def main(cfg: Config) -> dict:
     write_manifest(output_dir, cfg, datasets, started, "finished", {"resumed_from": str(resume_from) if resume_from else None})
     log.info("done: %s", json.dumps({k: metrics[k] for k in ("final_train_loss", "eval_loss_before", "eval_loss_after",
                                                               "keyword_accuracy_before", "keyword_accuracy_after",
-                                                              "tokens_per_second", "peak_memory_bytes", "wall_seconds")}))
+                                                              "tokens_per_second", "padding_fraction", "batching",
+                                                              "peak_memory_bytes", "wall_seconds")}))
     return metrics
 
 
 if __name__ == "__main__":
     config = parse_config(Config)
     try:
-        main(config)
+        main(config, options_set_by_user(sys.argv[1:]))
     except (checks.CheckFailed, DataError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

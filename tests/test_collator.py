@@ -141,3 +141,16 @@ def test_collator_output_is_a_valid_causal_lm_batch(tiny_dir, tiny_tokenizer):
     manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
     assert torch.allclose(loss, manual, atol=1e-5)
+
+
+def test_padding_free_batch_labels_the_same_tokens_as_the_padded_one(tiny_tokenizer):
+    """One row, no padding, so pad == EOS cannot hide an EOS; the labelled tokens are the padded batch's."""
+    from common.collator import PaddingFreeCollator
+
+    feats, _ = tokenize_sft([("a:1", SINGLE, {}), ("a:2", MULTI, {})], tiny_tokenizer, max_length=512)
+    packed = PaddingFreeCollator()(feats)
+    padded = CausalLMCollator(pad_token_id=tiny_tokenizer.eos_token_id)(feats)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in feats))
+    assert int((packed["labels"] == tiny_tokenizer.eos_token_id).sum()) == 1 + 2
+    assert sorted(packed["labels"][packed["labels"] != IGNORE_INDEX].tolist()) == \
+        sorted(padded["labels"][padded["labels"] != IGNORE_INDEX].tolist())

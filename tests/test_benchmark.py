@@ -1,0 +1,151 @@
+"""recipes/benchmark.py on the tiny model: both contestants on the same examples, exact FLOP counts.
+
+Nothing here is timed: throughput and MFU are the benchmark's output (README "Performance benchmark"),
+not something a test on a shared machine could assert. What is asserted: both contestants trained on
+exactly the same tokens, the labelled-token relation between them, the FLOP formulas against a hand
+count for the tiny config, and the report files.
+"""
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run
+
+LAUNCHER = ["bash", str(REPO / "launch" / "benchmark.sh")]
+SMALL = ["--num_examples", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+         "--max_length", "128", "--matmul_size", "128", "--matmul_repeats", "2"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_benchmark_module():
+    spec = importlib.util.spec_from_file_location("recipes_benchmark", REPO / "recipes" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its Config dataclass looks the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    proc = run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), *SMALL],
+               env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads((out / "benchmark.json").read_text())
+
+
+def test_both_contestants_train_on_the_same_examples(bench, tiny_tokenizer):
+    out, b = bench
+    assert set(b["contestants"]) == {"recipe", "trl_baseline"}
+    r, t = b["contestants"]["recipe"], b["contestants"]["trl_baseline"]
+
+    # the examples file both were given: 8 chats of varying length, recounted here with the tiny tokenizer
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == b["data"]["examples"] == 8
+    lengths, assistant = [], 0
+    for row in rows:
+        enc = tiny_tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+        lengths.append(len(enc["input_ids"]))
+        assistant += sum(enc["assistant_masks"])
+    assert b["data"]["tokens"] == sum(lengths) and b["data"]["assistant_tokens"] == assistant
+    assert b["data"]["min_tokens"] == min(lengths) < b["data"]["max_tokens"] == max(lengths) <= 128
+    assert b["data"]["sum_len_sq"] == sum(n * (n + 1) for n in lengths)
+
+    # one epoch of the same examples: identical non-pad tokens; 8 examples / (2 x 2) = 2 optimizer steps each
+    assert r["trained_tokens"] == t["trained_tokens"] == sum(lengths)
+    assert r["optimizer_steps"] == t["optimizer_steps"] == 2
+    # the recipe's loss is on assistant tokens only; TRL's default (assistant_only_loss=False, a "messages"
+    # dataset) puts it on every non-pad token, prompts and template included
+    assert r["trained_labelled_tokens"] == assistant < t["trained_labelled_tokens"] == sum(lengths)
+    assert r["assistant_tokens"] == t["assistant_tokens"] == assistant
+    assert r["trainable_params"] == t["trainable_params"] == b["flop_counts"]["lora_params"] == 32768
+    assert t["gradient_checkpointing"] is True and t["precision"] == "fp32 weights, bf16 autocast"  # TRL defaults
+    for m in (r, t):
+        assert m["heldout_loss"] < b["data"]["heldout_loss_base"]  # both learned something on the same held-out set
+        assert m["peak_memory_bytes"] > 0 and m["peak_memory_method"].startswith("process peak resident set size")
+
+
+def test_mfu_and_speedup_follow_from_the_recorded_numbers(bench):
+    out, b = bench
+    assert b["peak_flops"]["bf16"] > 0 and b["peak_flops"]["fp32"] > 0
+    assert b["peak_flops"]["bf16"] == max(p["bf16"] for p in b["peak_probes"]) and len(b["peak_probes"]) == 2
+    per_token = 4 * 106496 + 6 * 32768  # hand count below
+    for name, m in b["contestants"].items():
+        assert m["model_flops"] == per_token * m["trained_tokens"] + 768 * b["data"]["sum_len_sq"], name
+        assert m["mfu"] == pytest.approx(m["model_flops"] / m["train_seconds"] / b["peak_flops"]["bf16"])
+        assert 0 < m["mfu"] < 1.5
+        assert m["assistant_tokens_per_second"] == pytest.approx(m["assistant_tokens"] / m["train_seconds"], rel=1e-3)
+    t = b["contestants"]["trl_baseline"]
+    assert t["hardware_flops"] > t["model_flops"]  # its gradient checkpointing recomputes the forward
+    speedup = b["goals"]["speedup"]
+    assert speedup["measured"] == pytest.approx(b["contestants"]["recipe"]["assistant_tokens_per_second"]
+                                                / t["assistant_tokens_per_second"], rel=1e-3)
+    assert speedup["goal"] == 1.5 and b["goals"]["mfu"]["goal"] == 0.5
+    table = (out / "benchmark.md").read_text()
+    assert "| recipe | " in table and "| trl_baseline | " in table and b["machine"] in table
+    assert "cpu (" in b["machine"] and b["device_type"] == "cpu"
+
+
+def test_flop_counts_match_a_hand_count_for_the_tiny_config(tiny_dir):
+    from transformers import AutoConfig
+
+    bm = load_benchmark_module()
+    counts = bm.model_flop_counts(AutoConfig.from_pretrained(tiny_dir), "lora", 16, TARGETS)
+    # tiny Llama: hidden 64, 4 heads x 16, 2 KV heads, MLP 128, 2 layers, vocab 512, lm_head untied
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128          # q, k, v, o, gate, up, down
+    lora_per_layer = 16 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)   # r x (in + out) per projection
+    assert per_layer == 36864 and lora_per_layer == 16384
+    assert counts == {"matmul_params": 2 * 36864 + 64 * 512, "lora_params": 2 * 16384, "lm_head_params": 32768,
+                      "attention_width": 64, "layers": 2}
+    assert counts["matmul_params"] == 106496  # embedding lookup excluded, lm_head included
+
+    # one sequence of 100 tokens: sum of L(L+1) = 10100
+    f = bm.training_flops(counts, tokens=100, sum_len_sq=10100, method="lora")
+    assert f["flops_per_token_linear"] == 4 * 106496 + 6 * 32768 == 622592
+    assert f["attention_flops"] == 3 * 2 * 2 * 64 * 10100 == 7756800  # 3 x (2 layers x 2d x L(L+1))
+    assert f["model_flops"] == f["hardware_flops"] == 62259200 + 7756800
+    ckpt = bm.training_flops(counts, tokens=100, sum_len_sq=10100, method="lora", recompute=True)
+    assert ckpt["model_flops"] == f["model_flops"]  # MFU never counts the recompute
+    assert ckpt["hardware_flops"] == f["model_flops"] + 2 * (106496 - 32768 + 32768) * 100 + 2 * 2 * 64 * 10100
+    full = bm.training_flops(bm.model_flop_counts(AutoConfig.from_pretrained(tiny_dir), "full", 16, TARGETS),
+                             tokens=100, sum_len_sq=10100, method="full")
+    assert full["flops_per_token_linear"] == 6 * 106496 == 638976
+
+
+def test_matmul_peak_probe_returns_flops_per_second():
+    bm = load_benchmark_module()
+    for dtype in (torch.bfloat16, torch.float32):
+        assert bm.matmul_peak(dtype, 64, 2, torch.device("cpu")) > 0
+
+
+def test_random_init_model_from_a_config_with_qlora(tiny_dir, tmp_path):
+    """The GPU path (--model_config: random weights, nothing downloaded) exercised on CPU with the tiny config."""
+    out = tmp_path / "from_config"
+    proc = run(LAUNCHER + ["--model_config", str(tiny_dir / "config.json"), "--tokenizer_name_or_path", str(tiny_dir),
+                           "--output_dir", str(out), "--contestants", "recipe_qlora", *SMALL],
+               env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    b = json.loads((out / "benchmark.json").read_text())
+    m = b["contestants"]["recipe_qlora"]
+    assert list(b["contestants"]) == ["recipe_qlora"] and m["method"] == "qlora"
+    assert m["trained_tokens"] == b["data"]["tokens"] and 0 < m["mfu"] < 1.5
+    assert abs(b["data"]["heldout_loss_base"] - math.log(512)) < 0.5  # random weights: about ln(vocab)
+    assert "speedup" not in b["goals"] and "mfu" not in b["goals"]
+    assert not (out / "model").exists()  # random weights are deleted after the run
+
+
+def test_bad_options_fail_with_a_message(tmp_path):
+    proc = run(LAUNCHER + ["--contestants", "recipe", "axolotl", "--output_dir", str(tmp_path / "x")])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: --contestants recipe axolotl: choose distinct names from recipe, recipe_qlora" in proc.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "benchmark.json").write_text("{}")
+    proc = run(LAUNCHER + ["--output_dir", str(busy)])
+    assert proc.returncode == 1 and "is not empty; choose a new --output_dir" in proc.stderr
+    assert (busy / "benchmark.json").read_text() == "{}"
