@@ -228,8 +228,8 @@ def packed_attention_leak(model, features: list[dict], collator) -> float:
     try:
         for feats in (features, changed):
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collator(feats).items() if k != "labels"}
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(0)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                torch.manual_seed(0)  # no_grad: two forwards with their graphs held would be the run's memory peak
                 outputs.append(model(**batch).logits[0, first:].float())
     finally:
         model.train(was_training)

