@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,22 @@ def destroy() -> None:
     """Tear the process group down at exit (without it, gloo/NCCL sometimes abort with SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a rank: destroy the process group, flush logs and stdio, and leave with `os._exit(code)`.
+
+    Even after destroy_process_group, a finished rank now and then dies at interpreter shutdown with
+    `terminate called without an active exception` (SIGABRT, exit -6): a C++ thread of the store/gloo
+    is still joinable when static destructors run, and torchrun reports the whole job as failed
+    after it succeeded. Skipping interpreter finalization once every file is written avoids that."""
+    try:
+        destroy()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def check_rank_placement(model, device: torch.device) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,10 @@ def main(cfg: Config) -> None:
 
 if __name__ == "__main__":
     config = parse_config(Config)
+    code = 1
     try:
         main(config)
-    finally:
-        ddp.destroy()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    ddp.exit_process(code)  # destroys the process group; see CHRONICLES 47

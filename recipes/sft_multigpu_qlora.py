@@ -21,6 +21,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -227,12 +228,14 @@ def main(cfg: Config) -> dict | None:
 
 if __name__ == "__main__":
     config = parse_config(Config)
-    code = 0
+    code = 1
     try:
         main(config)
+        code = 0
     except (checks.CheckFailed, DataError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 1
-    finally:
-        ddp.destroy()
-    sys.exit(code)
+    except SystemExit as e:  # exit_for_requeue (75)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    ddp.exit_process(code)  # destroys the process group; see CHRONICLES 47
