@@ -46,6 +46,37 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process instead of handing it back to the kernel after every tensor (glibc).
+
+    glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on
+    free, so a training step that creates and frees the same large activations (a 125 MB logits tensor, every
+    [tokens x 1536] MLP activation) pays the kernel's page faults and zeroing again on every step. Measured on
+    this repo's 2-core CPU: a bf16->fp32 cast of SmolLM2's logits went from 45 to 8 ms, an MLP activation
+    cast from 1.5 to 0.15 ms (`python -m common.models`). `mallopt`: no mmap for
+    the heap (M_MMAP_MAX=0), trim only above 1 GiB free at the top, grow in 256 MiB steps. Peak RSS is the
+    process's high-water mark either way. Returns False (and changes nothing) where libc is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        log.info("allocator: not glibc, left as it is")
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+        ok = all(libc.mallopt(option, value) == 1 for option, value in
+                 ((m_mmap_max, 0), (m_trim_threshold, 1 << 30), (m_top_pad, 256 << 20)))
+    except (OSError, AttributeError) as err:
+        log.info("allocator: glibc mallopt unavailable (%s), left as it is", err)
+        return False
+    log.info("allocator: glibc keeps freed memory for reuse (no per-tensor mmap/munmap page faults)%s",
+             "" if ok else " (some mallopt settings refused)")
+    return ok
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -102,3 +133,27 @@ def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: list[
     model = get_peft_model(model, config)
     enable_input_grads(model)
     return model
+
+
+def _time_casts(repeats: int = 10) -> None:
+    """`python -m common.models`: a logits-sized and an MLP-sized bf16->fp32 cast, before and after tune_cpu_allocator."""
+    import time
+
+    logits, activation = torch.randn(635, 49152).bfloat16(), torch.randn(1270, 1536).bfloat16()
+
+    def ms(tensor):
+        tensor.float()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            tensor.float()
+        return 1000 * (time.perf_counter() - start) / repeats
+
+    before = ms(logits), ms(activation)
+    tuned = tune_cpu_allocator()
+    after = ms(logits), ms(activation)
+    print(f"bf16->fp32 cast, ms: logits [635 x 49152] {before[0]:.1f} -> {after[0]:.1f}, "
+          f"MLP activation [1270 x 1536] {before[1]:.2f} -> {after[1]:.2f} (allocator tuned: {tuned})")
+
+
+if __name__ == "__main__":
+    _time_casts()

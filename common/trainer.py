@@ -17,9 +17,21 @@ class TokenCountingTrainer(Trainer):
     Evaluation batches always come in dataset order (SequentialSampler), whatever the training sampler
     (e.g. train_sampling_strategy="group_by_length"), so the held-out loss, a mean of per-batch means,
     is the same number for the same model whichever way training batches were formed.
+
+    Two speed-ups, each off with its attribute (tests/test_trainer_speed.py checks both give the same loss and
+    gradients as the plain path):
+    - `labelled_logits_only`: the LM head and the cross-entropy run only at positions whose next token is
+      labelled (`logits_to_keep` as a boolean mask + `shift_labels`), not over the whole vocabulary for every
+      prompt token. Same loss, same gradients; skipped under Liger (its fused loss never builds logits).
+    - `skip_adapter_input_cast`: under autocast (bf16/fp16 Trainer), peft casts each LoRA layer's input to the
+      adapter's fp32 dtype and autocast casts it straight back to bf16 for the matmul: two full copies of the
+      activations per adapted layer for nothing. Training steps run with peft's cast switched off
+      (`peft.helpers.disable_input_dtype_casting`); evaluation and generation outside the Trainer keep it.
     """
 
     trained_tokens = trained_labelled_tokens = trained_positions = 0
+    labelled_logits_only = True
+    skip_adapter_input_cast = True
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         positions = inputs["input_ids"].numel()
@@ -27,12 +39,58 @@ class TokenCountingTrainer(Trainer):
         self.trained_tokens += int(mask.sum()) if mask is not None else positions
         self.trained_positions += positions
         self.trained_labelled_tokens += int((inputs["labels"] != -100).sum())
+        args = getattr(self, "args", None)
+        autocast = args is not None and (args.bf16 or args.fp16)
+        if self.skip_adapter_input_cast and autocast and hasattr(self.model, "peft_config"):
+            from peft.helpers import disable_input_dtype_casting
+
+            with disable_input_dtype_casting(self.model):
+                return super().training_step(model, inputs, num_items_in_batch)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (self.labelled_logits_only and not return_outputs and not self.args.use_liger_kernel
+                and accepts_logits_to_keep(model)):
+            inputs = labelled_logits_inputs(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _get_eval_sampler(self, eval_dataset):
         if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
             return None
         return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any wrappers (peft, accelerate, DDP) takes `logits_to_keep` and passes
+    its extra keyword arguments (`shift_labels`) on to transformers' loss."""
+    import inspect
+
+    inner = model
+    for _ in range(8):  # peft's PeftModel forwards attribute lookups, so unwrap it explicitly
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif isinstance(inner._modules.get("module"), torch.nn.Module):  # DDP / FSDP1 wrappers
+            inner = inner._modules["module"]
+        else:
+            break
+    if "lm_head" not in inner._modules:
+        return False
+    params = inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def labelled_logits_inputs(inputs: dict) -> dict:
+    """`inputs` + `logits_to_keep` (positions whose next token is labelled) + the matching `shift_labels`.
+
+    transformers' causal-LM loss shifts `labels` itself; with `shift_labels` given it uses them as they are,
+    so the kept logits line up with their targets. The loss is the same mean over the same labelled tokens.
+    """
+    labels = inputs.get("labels")
+    if labels is None or "logits_to_keep" in inputs or "shift_labels" in inputs:
+        return inputs
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    keep = shift != -100
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shift[keep]}
 
 
 @torch.no_grad()

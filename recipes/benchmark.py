@@ -117,7 +117,8 @@ def model_flop_counts(config, method: str, lora_r: int, targets: list[str]) -> d
             "attention_width": config.num_attention_heads * head_dim, "layers": config.num_hidden_layers}
 
 
-def training_flops(counts: dict, tokens: int, sum_len_sq: int, method: str, recompute: bool = False) -> dict:
+def training_flops(counts: dict, tokens: int, sum_len_sq: int, method: str, recompute: bool = False,
+                   head_tokens: int | None = None) -> dict:
     """FLOPs of one training pass over `tokens` non-pad tokens in sequences with sum of L*(L+1) = sum_len_sq.
 
     Linear layers, per token (a matmul with k weights costs 2k FLOPs per token forward):
@@ -130,12 +131,20 @@ def training_flops(counts: dict, tokens: int, sum_len_sq: int, method: str, reco
     4d * L(L+1)/2 = 2d L(L+1) forward; backward is two matmuls per forward one: 4d L(L+1); total 6d L(L+1).
     recompute=True adds gradient checkpointing's second forward of the decoder layers (hardware FLOPs,
     HFU); the model FLOPs (MFU) never include it.
+    head_tokens: the positions the loss is computed at (None: every token). The LM head's matmul counts only
+    there: logits nobody takes a loss on are not work the objective needs, so a trainer that skips them
+    (the recipe; TRL's chunked_nll) is not credited for FLOPs it never ran. The textbook 6N/4N per token is
+    head_tokens=None.
     """
     n, n_lora, d, layers = counts["matmul_params"], counts["lora_params"], counts["attention_width"], counts["layers"]
+    head = counts["lm_head_params"]
     per_token = 6 * n if method == "full" else 4 * n + 6 * n_lora
+    head_per_token = (6 if method == "full" else 4) * head
+    head_tokens = tokens if head_tokens is None else head_tokens
     attention = 3 * layers * 2 * d * sum_len_sq
-    model_flops = per_token * tokens + attention
-    out = {"flops_per_token_linear": per_token, "linear_flops": per_token * tokens, "attention_flops": attention,
+    model_flops = (per_token - head_per_token) * tokens + head_per_token * head_tokens + attention
+    out = {"flops_per_token_linear": per_token, "lm_head_flops_per_loss_token": head_per_token,
+           "loss_positions": head_tokens, "linear_flops": model_flops - attention, "attention_flops": attention,
            "model_flops": model_flops}
     if recompute:
         # decoder-layer forward again (lm_head is outside the checkpointed blocks) + attention forward
@@ -563,7 +572,8 @@ def main(cfg: Config) -> dict:
             log.warning("%s trained %d tokens, the examples hold %d x %d epochs: the FLOP count assumes the latter",
                         name, m["trained_tokens"], data["tokens"], cfg.num_train_epochs)
         flops = training_flops(counts, m["trained_tokens"], data["sum_len_sq"] * cfg.num_train_epochs, "lora",
-                               recompute=m.get("gradient_checkpointing") in (True, "true"))
+                               recompute=m.get("gradient_checkpointing") in (True, "true"),
+                               head_tokens=m["trained_labelled_tokens"])
         m["assistant_tokens"] = data["assistant_tokens"] * cfg.num_train_epochs
         m["assistant_tokens_per_second"] = round(m["assistant_tokens"] / m["train_seconds"], 2)
         m["loss_tokens_per_second"] = round(m["trained_labelled_tokens"] / m["train_seconds"], 2)
@@ -602,8 +612,9 @@ def main(cfg: Config) -> dict:
         "model_config": cfg.model_config, "config": asdict(cfg), "data": data,
         "peak_flops": peak, "peak_probes": peaks, "flop_counts": counts,
         "mfu_definition": "model FLOPs (no gradient-checkpointing recompute) per second of train_seconds / "
-                          "the bf16 matmul peak; tokens = all non-pad tokens trained (prompt tokens cost compute too); "
-                          "hfu adds the recompute",
+                          "the bf16 matmul peak; tokens = all non-pad tokens trained (prompt tokens cost compute too), "
+                          "except the LM head, counted only at the positions the loss is taken at (each "
+                          "contestant's trained_labelled_tokens); hfu adds the recompute",
         "contestants": results, "goals": goals, "verdicts": verdicts,
     }
     write_json(output_dir / "benchmark.json", result)

@@ -44,8 +44,10 @@ from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
 from common.evaluation import generate_replies, keyword_accuracy  # noqa: E402
 from common.memory import GB, PlanError, Settings, load_config, recommend  # noqa: E402
-from common.models import attach_lora, load_base_model, pick_attn_implementation, resolve_precision  # noqa: E402
-from common.trainer import TokenCountingTrainer  # noqa: E402
+from common.attention import register as register_packed_attention  # noqa: E402
+from common.models import (attach_lora, load_base_model, pick_attn_implementation, resolve_precision,  # noqa: E402
+                           tune_cpu_allocator)
+from common.trainer import TokenCountingTrainer, accepts_logits_to_keep  # noqa: E402
 from common.run_files import (PeakMemory, device_name, estimated_cost, now, plot_loss, version_drift,  # noqa: E402
                               write_json, write_manifest)
 
@@ -81,7 +83,7 @@ class Config:
     use_liger_kernel: str = field(default="auto", metadata={"help": "auto | true | false: Liger's fused Triton kernels (CUDA only). auto: on CUDA when liger_kernel is installed"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (peft's default 0.0; on CPU any dropout costs about a third of the step: bernoulli masks for every adapted layer's input)"})
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Linear layer names, or all-linear"})
     seed: int = field(default=42, metadata={"help": "random seed"})
     logging_steps: int = field(default=5, metadata={"help": "log every N optimizer steps"})
@@ -208,7 +210,7 @@ def packing_supported(attn: str, device: torch.device) -> bool:
     """Attention implementations whose packed-sequence masking is verified: sdpa and eager build a
     block-diagonal mask from restarting position_ids (tests/test_packing.py checks it numerically on CPU),
     flash-attn uses varlen cu_seqlens (CUDA). The run also measures it on its own model before step 1."""
-    return attn in ("sdpa", "eager") or (device.type == "cuda" and attn in ("flash_attention_2", "flash_attention_3"))
+    return attn in ("sdpa", "eager", "sdpa_packed") or (device.type == "cuda" and attn in ("flash_attention_2", "flash_attention_3"))
 
 
 def resolve_packing(requested: str, attn: str, device: torch.device) -> bool:
@@ -267,6 +269,10 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     attn = pick_attn_implementation(cfg.attn_implementation, device)
     packing = resolve_packing(cfg.packing, attn, device)
     padded_collator = collator
+    if packing and attn == "sdpa":  # per-example attention: no [T, T] mask over the packed row (common/attention.py)
+        attn = register_packed_attention()
+        log.info("attention: %s (sdpa per packed example)", attn)
+    allocator_tuned = device.type == "cpu" and tune_cpu_allocator()
     if packing:
         collator = PaddingFreeCollator(flash_attn_kwargs=attn.startswith("flash_attention"))
     optim = cfg.optim
@@ -430,6 +436,8 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
         "batching": batching, "padding_fraction": round(1 - trained_tokens / positions, 4) if positions else None,
         "trained_positions": positions, "packing_leak": leak, "attn_implementation": attn,
         "gradient_checkpointing": grad_ckpt, "liger_kernel": liger, "memory_plan": memory_plan,
+        "labelled_logits_only": bool(trainer.labelled_logits_only and not liger and accepts_logits_to_keep(model)),
+        "allocator_tuned": allocator_tuned,
         "truncation": truncation.as_dict(), "optimizer": optim,
         **memory.report(), **estimated_cost(wall, cfg.hourly_price_usd, world),
     }

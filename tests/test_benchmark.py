@@ -74,9 +74,10 @@ def test_mfu_and_speedup_follow_from_the_recorded_numbers(bench):
     out, b = bench
     assert b["peak_flops"]["bf16"] > 0 and b["peak_flops"]["fp32"] > 0
     assert b["peak_flops"]["bf16"] == max(p["bf16"] for p in b["peak_probes"]) and len(b["peak_probes"]) == 2
-    per_token = 4 * 106496 + 6 * 32768  # hand count below
+    per_token = 4 * 106496 + 6 * 32768  # hand count below; the LM head (32768 weights) only at loss positions
     for name, m in b["contestants"].items():
-        assert m["model_flops"] == per_token * m["trained_tokens"] + 768 * b["data"]["sum_len_sq"], name
+        assert m["model_flops"] == ((per_token - 4 * 32768) * m["trained_tokens"] + 4 * 32768 * m["trained_labelled_tokens"]
+                                    + 768 * b["data"]["sum_len_sq"]), name
         assert m["mfu"] == pytest.approx(m["model_flops"] / m["train_seconds"] / b["peak_flops"]["bf16"])
         assert 0 < m["mfu"] < 1.5
         assert m["assistant_tokens_per_second"] == pytest.approx(m["assistant_tokens"] / m["train_seconds"], rel=1e-3)
@@ -112,6 +113,10 @@ def test_flop_counts_match_a_hand_count_for_the_tiny_config(tiny_dir):
     ckpt = bm.training_flops(counts, tokens=100, sum_len_sq=10100, method="lora", recompute=True)
     assert ckpt["model_flops"] == f["model_flops"]  # MFU never counts the recompute
     assert ckpt["hardware_flops"] == f["model_flops"] + 2 * (106496 - 32768 + 32768) * 100 + 2 * 2 * 64 * 10100
+    # the LM head (32768 weights, 4 FLOPs each per position with LoRA) only where the loss is taken: 40 of 100
+    head = bm.training_flops(counts, tokens=100, sum_len_sq=10100, method="lora", head_tokens=40)
+    assert head["model_flops"] == f["model_flops"] - 4 * 32768 * 60 and head["loss_positions"] == 40
+    assert head["linear_flops"] == (622592 - 4 * 32768) * 100 + 4 * 32768 * 40
     full = bm.training_flops(bm.model_flop_counts(AutoConfig.from_pretrained(tiny_dir), "full", 16, TARGETS),
                              tokens=100, sum_len_sq=10100, method="full")
     assert full["flops_per_token_linear"] == 6 * 106496 == 638976

@@ -106,7 +106,7 @@ def test_packed_training_on_cuda_is_isolated_with_liger_when_installed(tiny_dir,
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((out / "metrics.json").read_text())
     flash = importlib.util.find_spec("flash_attn") is not None
-    assert m["attn_implementation"] == ("flash_attention_2" if flash else "sdpa")
+    assert m["attn_implementation"] == ("flash_attention_2" if flash else "sdpa_packed")
     assert m["batching"] == "packed" and m["padding_fraction"] == 0.0 and m["packing_leak"] <= 1e-3
     assert m["liger_kernel"] == (importlib.util.find_spec("liger_kernel") is not None)
     assert m["memory_plan"]["budget_source"].startswith("free GPU memory") and m["gradient_checkpointing"] is False

@@ -182,6 +182,7 @@ def test_recipe_packed_with_a_huge_budget(tiny_dir, tmp_path, dataset_counts):
     tokens, labelled, examples = dataset_counts
     assert examples == 56 and m["optimizer_steps"] == 4  # 4 steps x 16 examples = one epoch (56)
     assert m["batching"] == "packed" and m["padding_fraction"] == 0.0 and m["packing_leak"] == 0.0
+    assert m["attn_implementation"] == "sdpa_packed" and m["labelled_logits_only"] is True
     assert (m["trained_tokens"], m["trained_labelled_tokens"], m["trained_positions"]) == (tokens, labelled, tokens)
     assert m["num_input_tokens_seen"] == tokens  # the Trainer's count agrees (pad == EOS would break "non_padding")
     plan = m["memory_plan"]
