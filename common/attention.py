@@ -3,9 +3,9 @@
 transformers' own `sdpa` handles a packed row (position_ids restarting at 0, no attention_mask) by
 materialising a dense block-diagonal [T, T] mask and running ONE masked attention over the whole
 row: every query meets every key of every other example, and the mask throws those scores away.
-On a packed SmolLM2-135M micro-batch of 1,270 tokens on this repo's 2-core CPU that was 36% of
-the training step (profile: `python recipes/benchmark.py --profile_step`; CHRONICLES "Packed
-attention costs the whole row squared").
+In a torch.profiler trace of one packed SmolLM2-135M micro-batch (1,270 tokens, 2-core CPU) that
+attention was 36% of the step; the benchmark's ablation gives its share of a whole run
+(README "Performance benchmark"; CHRONICLES "Packed attention pays for the whole row squared").
 
 `sdpa_packed` runs `scaled_dot_product_attention(is_causal=True)` once per example instead: the
 same result (isolation by construction, and `packed_attention_leak` still checks it on the real

@@ -68,7 +68,7 @@ def tune_cpu_allocator() -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
         ok = all(libc.mallopt(option, value) == 1 for option, value in
-                 ((m_mmap_max, 0), (m_trim_threshold, 1 << 30), (m_top_pad, 256 << 20)))
+                 ((m_mmap_max, 0), (m_trim_threshold, -1), (m_top_pad, 256 << 20)))
     except (OSError, AttributeError) as err:
         log.info("allocator: glibc mallopt unavailable (%s), left as it is", err)
         return False

@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ class Config:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata={"help": "Linear layer names"})
     seed: int = field(default=42, metadata={"help": "seed for the examples and both runs"})
-    recipe_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for recipes/sft_memory_diet.py, e.g. --recipe_args=--precision --recipe_args=fp32"})
+    recipe_args: str = field(default="", metadata={"help": "extra flags for recipes/sft_memory_diet.py, one string, e.g. --recipe_args='--attn_implementation sdpa --lora_dropout 0.05' (an ablation of the recipe's defaults)"})
     matmul_size: int = field(default=2048, metadata={"help": "n for the n x n x n matmul peak probe (8192 on a GPU)"})
     matmul_repeats: int = field(default=10, metadata={"help": "timed matmuls per probe; the best one counts"})
     goal_speedup: float = field(default=1.5, metadata={"help": "goal: recipe / TRL trained labelled (assistant) tokens per second"})
@@ -368,7 +369,7 @@ def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: 
             log.warning("recipes/sft_memory_diet.py has no --%s; not passed", key)
             continue
         cmd += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-    cmd += cfg.recipe_args
+    cmd += shlex.split(cfg.recipe_args)
     start = time.time()
     code = run_logged(cmd, out.parent / f"{name}.log")
     if code != 0:

@@ -64,7 +64,8 @@ class Config:
     method: str = field(default="lora", metadata={"help": "lora | qlora (4-bit NF4 base via bitsandbytes)"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32 (auto: bf16 where the hardware has it, else fp32 on CPU / fp16 on old GPUs)"})
-    attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2 (auto: flash-attn on CUDA when installed)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | sdpa_packed | eager | flash_attention_2 (auto: flash-attn on CUDA when installed; else sdpa_packed for packed batches, sdpa otherwise)"})
+    labelled_logits_only: bool = field(default=True, metadata={"help": "LM head and cross-entropy only at positions whose next token is labelled (same loss, less work); false: over every position"})
     max_length: int = field(default=256, metadata={"help": "tokens per example; longer ones are truncated and reported"})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
     gradient_accumulation_steps: int = field(default=16, metadata={"help": "micro-batches per optimizer step (effective batch = batch x accumulation)"})
@@ -269,9 +270,11 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     attn = pick_attn_implementation(cfg.attn_implementation, device)
     packing = resolve_packing(cfg.packing, attn, device)
     padded_collator = collator
-    if packing and attn == "sdpa":  # per-example attention: no [T, T] mask over the packed row (common/attention.py)
-        attn = register_packed_attention()
+    if packing and (attn == "sdpa_packed" or (attn == "sdpa" and cfg.attn_implementation == "auto")):
+        attn = register_packed_attention()  # per-example attention, no [T, T] mask over the row (common/attention.py)
         log.info("attention: %s (sdpa per packed example)", attn)
+    elif attn == "sdpa_packed":  # padded batches: sdpa_packed is plain sdpa
+        attn = "sdpa"
     allocator_tuned = device.type == "cpu" and tune_cpu_allocator()
     if packing:
         collator = PaddingFreeCollator(flash_attn_kwargs=attn.startswith("flash_attention"))
@@ -350,6 +353,7 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
                          data_collator=collator, processing_class=tokenizer,
                          callbacks=[CheckpointValidator(), preempted])
+    trainer.labelled_logits_only = cfg.labelled_logits_only
     world = args.world_size
     log.info("effective batch = %d per device x %d accumulation x %d devices = %d sequences per optimizer step; "
              "batching: %s", micro, accum, world, micro * accum * world, batching)
