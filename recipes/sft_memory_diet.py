@@ -47,7 +47,7 @@ from common.memory import GB, PlanError, Settings, load_config, recommend  # noq
 from common.attention import register as register_packed_attention  # noqa: E402
 from common.models import (attach_lora, load_base_model, pick_attn_implementation, resolve_precision,  # noqa: E402
                            tune_cpu_allocator)
-from common.trainer import TokenCountingTrainer, accepts_logits_to_keep  # noqa: E402
+from common.trainer import StepProfiler, TokenCountingTrainer, accepts_logits_to_keep  # noqa: E402
 from common.run_files import (PeakMemory, device_name, estimated_cost, now, plot_loss, version_drift,  # noqa: E402
                               write_json, write_manifest)
 
@@ -65,6 +65,7 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32 (auto: bf16 where the hardware has it, else fp32 on CPU / fp16 on old GPUs)"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | sdpa_packed | eager | flash_attention_2 (auto: flash-attn on CUDA when installed; else sdpa_packed for packed batches, sdpa otherwise)"})
+    profile_steps: int = field(default=0, metadata={"help": "N > 0: torch.profiler over optimizer steps 2..N+1, tables in <output_dir>/profile.txt (where the step time goes)"})
     labelled_logits_only: bool = field(default=True, metadata={"help": "LM head and cross-entropy only at positions whose next token is labelled (same loss, less work); false: over every position"})
     max_length: int = field(default=256, metadata={"help": "tokens per example; longer ones are truncated and reported"})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
@@ -354,6 +355,8 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
                          data_collator=collator, processing_class=tokenizer,
                          callbacks=[CheckpointValidator(), preempted])
     trainer.labelled_logits_only = cfg.labelled_logits_only
+    if cfg.profile_steps > 0:
+        trainer.add_callback(StepProfiler(cfg.profile_steps, output_dir / "profile.txt"))
     world = args.world_size
     log.info("effective batch = %d per device x %d accumulation x %d devices = %d sequences per optimizer step; "
              "batching: %s", micro, accum, world, micro * accum * world, batching)

@@ -200,3 +200,26 @@ def test_tune_cpu_allocator_applies_on_glibc_linux():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(256 << 20)  # large allocations still work from the heap
+
+
+# ---- --profile_steps -----------------------------------------------------------------------------
+def test_step_profiler_writes_the_matmul_share_of_the_profiled_steps(tmp_path):
+    """StepProfiler traces the requested optimizer steps only (step 1 is warm-up) and writes its tables."""
+    from transformers import TrainerControl, TrainerState
+
+    from common.trainer import StepProfiler
+
+    out = tmp_path / "profile.txt"
+    prof, state, a, b = StepProfiler(2, out), TrainerState(), torch.randn(64, 64), torch.randn(64, 64)
+    for step in range(4):
+        state.global_step = step
+        prof.on_step_begin(None, state, TrainerControl())
+        a @ b
+        state.global_step = step + 1
+        prof.on_step_end(None, state, TrainerControl())
+        if step == 0:
+            assert prof.prof is None  # step 1 not profiled
+    text = out.read_text()
+    assert text.startswith("profiled optimizer steps 2-3:")
+    assert "aten::mm" in text and "share of that time: aten::mm" in text
+    assert prof.done and prof.prof is None
