@@ -18,7 +18,7 @@ class TokenCountingTrainer(Trainer):
     (e.g. train_sampling_strategy="group_by_length"), so the held-out loss, a mean of per-batch means,
     is the same number for the same model whichever way training batches were formed.
 
-    Two speed-ups, each off with its attribute (tests/test_trainer_speed.py checks both give the same loss and
+    Two speed-ups, each off with its attribute (tests/test_fast_path.py checks both give the same loss and
     gradients as the plain path):
     - `labelled_logits_only`: the LM head and the cross-entropy run only at positions whose next token is
       labelled (`logits_to_keep` as a boolean mask + `shift_labels`), not over the whole vocabulary for every
