@@ -163,6 +163,7 @@ def planner_gib(tiny_dir, batch, accumulation, grad_ckpt):
     from common.memory import GB, Settings, plan
 
     s = Settings(method="lora", lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", seq_len=256,
+                 lora_dropout=0.0,  # as recipes/configs/sft_memory_diet.yaml (dropout masks are planned memory)
                  batch_size=batch, gradient_accumulation_steps=accumulation, dtype="fp32", device="cpu",
                  grad_ckpt=grad_ckpt)
     return plan(str(tiny_dir), s)["required_bytes"] / GB
