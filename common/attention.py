@@ -76,7 +76,8 @@ def sdpa_packed_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
 
     batch, _, q_len, _ = query.shape
     packed = (attention_mask is None and batch == 1 and q_len == key.shape[2] and q_len > 1
-              and getattr(module, "is_causal", True) and kwargs.get("position_bias") is None)
+              and getattr(module, "is_causal", True)
+              and all(kwargs.get(k) is None for k in ("position_bias", "softcap", "s_aux")))  # else sdpa's handling
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
