@@ -28,7 +28,7 @@ import torch.nn.functional as F
 NAME = "sdpa_packed"
 # On CPU, sdpa's fused flash kernel loses to the plain math path (two bmm + softmax) on short examples
 # and wins on long ones: fwd+bwd of one SmolLM2 layer (9 heads x 64, GQA 3), bf16, 2 threads:
-# L=128 flash 3.3 ms / math 1.8 ms, L=256 5.9 / 7.0, L=512 17.8 / 26.3 (python -m common.attention
+# L=128 flash 3.3 ms / math 2.6 ms, L=256 7.0 / 8.2, L=512 21.8 / 32.3 (`python -m common.attention`
 # prints this table for the machine it runs on)
 CPU_MATH_MAX_LEN = 192
 _bounds_cache: tuple = (None, None)  # (weakref to the position_ids/cu_seq_lens tensor, its boundaries)

@@ -53,9 +53,10 @@ def tune_cpu_allocator() -> bool:
     free, so a training step that creates and frees the same large activations (a 125 MB logits tensor, every
     [tokens x 1536] MLP activation) pays the kernel's page faults and zeroing again on every step. Measured on
     this repo's 2-core CPU: a bf16->fp32 cast of SmolLM2's logits went from 45 to 8 ms, an MLP activation
-    cast from 1.5 to 0.15 ms (`python -m common.models`). `mallopt`: no mmap for
-    the heap (M_MMAP_MAX=0), trim only above 1 GiB free at the top, grow in 256 MiB steps. Peak RSS is the
-    process's high-water mark either way. Returns False (and changes nothing) where libc is not glibc.
+    cast from 1.5 to 0.15 ms (`python -m common.models`). `mallopt`: large blocks from the heap too
+    (M_MMAP_MAX=0), freed memory never handed back (M_TRIM_THRESHOLD=-1), growth in 256 MiB steps. The cost:
+    freed blocks are reused rather than returned, so fragmentation can raise the peak RSS (CHRONICLES 49).
+    Returns False (and changes nothing) where libc is not glibc.
     """
     import ctypes
     import ctypes.util

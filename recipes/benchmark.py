@@ -348,8 +348,9 @@ def run_logged(cmd: list[str], log_path: Path) -> int:
         return subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
-def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path) -> dict:
-    """recipes/sft_memory_diet.py with its YAML defaults; only what must be equal is overridden."""
+def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path) -> list[str]:
+    """recipes/sft_memory_diet.py with its YAML defaults; only what must be equal is overridden, then
+    `--recipe_args` (shell-split, so one string carries several flags; later flags win)."""
     flags = recipe_flags()
     wanted = {
         "model_name_or_path": model, "dataset_path": str(train_file), "eval_dataset_path": str(eval_file),
@@ -369,7 +370,11 @@ def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: 
             log.warning("recipes/sft_memory_diet.py has no --%s; not passed", key)
             continue
         cmd += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-    cmd += shlex.split(cfg.recipe_args)
+    return cmd + shlex.split(cfg.recipe_args)
+
+
+def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path) -> dict:
+    cmd = recipe_command(cfg, name, model, train_file, eval_file, out)
     start = time.time()
     code = run_logged(cmd, out.parent / f"{name}.log")
     if code != 0:

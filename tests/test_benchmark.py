@@ -154,3 +154,20 @@ def test_bad_options_fail_with_a_message(tmp_path):
     proc = run(LAUNCHER + ["--output_dir", str(busy)])
     assert proc.returncode == 1 and "is not empty; choose a new --output_dir" in proc.stderr
     assert (busy / "benchmark.json").read_text() == "{}"
+
+
+def test_recipe_args_carry_several_flags_to_the_recipe(tmp_path):
+    """--recipe_args is one string split like a shell: every flag in it reaches the recipe and overrides the
+    benchmark's own (as a list option only the last item survived, so an ablation silently ran the defaults)."""
+    from common.config import parse_config
+
+    bm = load_benchmark_module()
+    cfg = parse_config(bm.Config, ["--recipe_args=--attn_implementation sdpa --lora_dropout 0.05"])
+    cmd = bm.recipe_command(cfg, "recipe", "asset:tiny", tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "r")
+    assert cmd[-4:] == ["--attn_implementation", "sdpa", "--lora_dropout", "0.05"]
+    recipe = importlib.util.spec_from_file_location("_sft_for_args", REPO / "recipes" / "sft_memory_diet.py")
+    module = importlib.util.module_from_spec(recipe)
+    sys.modules[recipe.name] = module
+    recipe.loader.exec_module(module)
+    parsed = parse_config(module.Config, cmd[2:])
+    assert parsed.attn_implementation == "sdpa" and parsed.lora_dropout == 0.05  # after the benchmark's 0.0
