@@ -179,7 +179,10 @@ def build(name: str, output_dir: str | os.PathLike) -> Path:
     tmp.mkdir(parents=True)
     start = time.time()
     try:
-        BUILDERS[name](tmp)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG (its set_seed) is kept
+            BUILDERS[name](tmp)
         (tmp / MARKER).write_text(json.dumps({"name": name, "version": ASSET_VERSION,
                                               "build_seconds": round(time.time() - start, 2)}, indent=2))
         if output_dir.exists():

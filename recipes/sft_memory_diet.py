@@ -37,8 +37,8 @@ from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E40
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, OutputDirError, SaveOnSignal,  # noqa: E402
-                                prepare_output_dir)
+from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, NonFiniteGuard, RunError,  # noqa: E402
+                                RunSegments, SaveOnSignal, explain_disk_full, prepare_output_dir)
 from common.collator import CausalLMCollator, PaddingFreeCollator, packed_attention_leak, tokenize_sft  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
@@ -287,10 +287,10 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     memory_plan = plan_memory(cfg, device, precision, optim, model_path, batch_pinned)
     liger = resolve_liger(cfg.use_liger_kernel, device)
 
-    # the output dir is touched only now: a data, template or truncation error above leaves it as it was
+    # the output dir is locked only now: a data, template or truncation error above leaves it as it was; the
+    # manifest and memory plan are written after the fail-fast checks below, so a failed start leaves no trace
     resume_from = prepare_output_dir(output_dir, asdict(cfg), cfg.resume)
     datasets = [cfg.dataset_path] + ([cfg.eval_dataset_path] if cfg.eval_dataset_path else [])
-    write_manifest(output_dir, cfg, datasets, started, "running")
 
     plan_file = output_dir / "memory_plan.json"
     if resume_from and plan_file.is_file():  # a resumed run keeps its batch shape, whatever memory is free now
@@ -298,8 +298,6 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
         log.info("resuming: keeping the interrupted run's memory plan (gradient checkpointing %s, micro-batch %d x %d)",
                  memory_plan["gradient_checkpointing"], memory_plan["per_device_train_batch_size"],
                  memory_plan["gradient_accumulation_steps"])
-    else:
-        write_json(plan_file, memory_plan)
     grad_ckpt = memory_plan["gradient_checkpointing"]
     micro, accum = memory_plan["per_device_train_batch_size"], memory_plan["gradient_accumulation_steps"]
 
@@ -351,9 +349,12 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
         use_liger_kernel=liger,
     )
     preempted = SaveOnSignal()  # SIGTERM/SIGINT: save after this step, stop, exit 75 (rerun resumes)
+    # figures of the segments before a resume travel in the checkpoints: metrics.json covers the whole run
+    segments = RunSegments(resume_from, counters=("trained_tokens", "trained_labelled_tokens", "trained_positions"))
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
                          data_collator=collator, processing_class=tokenizer,
-                         callbacks=[CheckpointValidator(), preempted])
+                         callbacks=[CheckpointValidator(segments=segments), preempted, NonFiniteGuard()])
+    segments.bind(trainer)
     trainer.labelled_logits_only = cfg.labelled_logits_only
     if cfg.profile_steps > 0:
         trainer.add_callback(StepProfiler(cfg.profile_steps, output_dir / "profile.txt"))
@@ -365,6 +366,9 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     first = train_features[:micro]
     checks.check_labels(padded_collator(first), tokenizer.eos_token_id, tokenizer.pad_token_id)  # per example
     checks.check_gradient_flow(model, {k: v for k, v in collator(first).items() if torch.is_tensor(v)})
+    write_manifest(output_dir, cfg, datasets, started, "running")
+    if not memory_plan.get("resumed"):
+        write_json(plan_file, memory_plan)
 
     # ---- before: held-out loss, generations, keyword accuracy ------------------------------------
     probe = [r for r in eval_records if r.data.get("keywords")] if fmt == "chat" else []
@@ -385,7 +389,8 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
 
     # ---- train -----------------------------------------------------------------------------------
     cpu_start = time.process_time()  # CPU seconds of this process (all threads): robust on a shared machine
-    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with explain_disk_full(output_dir, trainer):
+        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_cpu_seconds = time.process_time() - cpu_start
     if preempted.received:
         log.warning("stopped by a signal at step %d; checkpoint saved. Rerun the same command to resume "
@@ -394,8 +399,9 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     if guard:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)
-    trained_tokens, labelled_tokens = trainer.trained_tokens, trainer.trained_labelled_tokens
-    positions = trainer.trained_positions
+    whole = segments.finish(train_result)  # every segment of the run, not only this process's
+    trained_tokens, labelled_tokens = whole["trained_tokens"], whole["trained_labelled_tokens"]
+    positions = whole["trained_positions"]
 
     # ---- after: evaluate, generate, save ---------------------------------------------------------
     after = {"eval_loss": trainer.evaluate()["eval_loss"] if eval_features else None}
@@ -418,7 +424,8 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
             "before": before.get("replies"), "after": after["replies"]})
 
     # ---- metrics, manifest, plot -----------------------------------------------------------------
-    train_seconds = train_result.metrics["train_runtime"]
+    train_seconds = whole["train_seconds"]
+    train_cpu_seconds = whole["train_cpu_seconds"]
     wall = time.time() - wall_start
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
@@ -426,7 +433,7 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
         "recipe": "sft_memory_diet", "method": cfg.method, "model": model_path, "device": device_name(device),
         "device_type": device.type, "world_size": world, "precision": precision,
         "final_train_loss": train_losses[-1] if train_losses else None,
-        "mean_train_loss": train_result.training_loss,
+        "mean_train_loss": whole["mean_train_loss"],
         "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after["eval_loss"],
         "keyword_accuracy_before": before.get("keyword_accuracy"), "keyword_accuracy_after": after.get("keyword_accuracy"),
         "heldout_probes": len(probe),
@@ -445,6 +452,7 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
         "gradient_checkpointing": grad_ckpt, "liger_kernel": liger, "memory_plan": memory_plan,
         "labelled_logits_only": bool(trainer.labelled_logits_only and not liger and accepts_logits_to_keep(model)),
         "allocator_tuned": allocator_tuned,
+        "segments": whole["segments"], "segments_complete": whole["segments_complete"],
         "truncation": truncation.as_dict(), "optimizer": optim,
         **memory.report(), **estimated_cost(wall, cfg.hourly_price_usd, world),
     }
@@ -465,6 +473,6 @@ if __name__ == "__main__":
     config = parse_config(Config)
     try:
         main(config, options_set_by_user(sys.argv[1:]))
-    except (checks.CheckFailed, DataError, OutputDirError) as e:
+    except (checks.CheckFailed, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
