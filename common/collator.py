@@ -1,14 +1,17 @@
 """Tokenization with assistant-only loss masks, and the causal-LM collator that pads and labels.
 
-Two steps, kept apart on purpose (seed 000, episode 7: labels attached before padding crashed
-batching with "expected sequence of length 554 at dim 1 (got 107)"):
+Two steps, kept apart on purpose (labels attached before padding give rows of different lengths,
+and batching fails with "expected sequence of length 554 at dim 1 (got 107)"):
 
 1. `tokenize_sft` turns each example into `input_ids` + `loss_mask` (1 = learn this token),
    unpadded. Chat examples use the tokenizer's chat template with {% generation %} markers, so
    every assistant turn *and its end-of-turn token* are learned and nothing else is (system,
-   user, template tokens). Truncation to `max_length` is counted per assistant turn and reported;
-   an example left with no labelled token is dropped and named (file:line), never silently;
-   when every example is, that is a DataError (file:line + the max_length that would keep one).
+   user, template tokens). Truncation to `max_length` is decided per example and reported:
+   an example left with no labelled token, or cut past the end of its answer (no complete
+   assistant turn, so no end-of-turn label: it would teach the model not to stop), is left out
+   and named (file:line), never silently; when every example is, that is a DataError (file:line
+   + the max_length that would keep one). An example that keeps at least one complete assistant
+   turn is trained on what fits (a later turn cut short is counted in `partial_turns`).
 2. `CausalLMCollator` pads a batch to a multiple of 8 and only then builds `labels`
    (-100 on padding and on every unmasked token). Labels come from the mask, not from
    `input_ids != pad_id`, so EOS is learned even when the pad token *is* the EOS token.
@@ -59,6 +62,8 @@ class TruncationReport:
     partial_turns: int = 0            # assistant turns cut in the middle
     dropped_turns: int = 0            # assistant turns entirely beyond max_length
     dropped_examples: list[str] = field(default_factory=list)  # "file:line" with nothing left to learn
+    cut_examples: list[str] = field(default_factory=list)  # "file:line" cut past the end of their answer
+    cut_longest: int = 0              # tokens of the longest cut example (the max_length that keeps them all)
     tokens: int = 0
     labelled_tokens: int = 0
 
@@ -76,6 +81,12 @@ class TruncationReport:
             shown = ", ".join(self.dropped_examples[:5]) + (" ..." if len(self.dropped_examples) > 5 else "")
             log.warning("dropped %d examples with no assistant token left after truncation to max_length=%d: %s",
                         len(self.dropped_examples), max_length, shown)
+        if self.cut_examples:
+            shown = ", ".join(self.cut_examples[:5]) + (" ..." if len(self.cut_examples) > 5 else "")
+            log.warning("left out %d examples that max_length=%d truncates past the end of their answer (no complete "
+                        "assistant turn and no end-of-turn token left, so they would teach the model not to stop): "
+                        "%s. Raise --max_length to %d, or drop or split these records", len(self.cut_examples),
+                        max_length, shown, self.cut_longest)
 
 
 def tokenize_sft(items, tokenizer, max_length: int) -> tuple[list[dict], TruncationReport]:
@@ -86,6 +97,7 @@ def tokenize_sft(items, tokenizer, max_length: int) -> tuple[list[dict], Truncat
     report = TruncationReport()
     features = []
     shortest_prompt = None  # fewest tokens before the first assistant token among dropped examples
+    lost = []  # "file:line" of every example left out, in order
     for where, messages, data in items:
         report.examples += 1
         if messages is not None:
@@ -100,16 +112,24 @@ def tokenize_sft(items, tokenizer, max_length: int) -> tuple[list[dict], Truncat
                              "{% endgeneration %}; see common.assets.chatml_template")
         if len(ids) > max_length:
             report.truncated_examples += 1
-            for start, end in assistant_spans(mask):
+            spans = assistant_spans(mask)
+            for start, end in spans:
                 if start >= max_length:
                     report.dropped_turns += 1
                 elif end > max_length:
                     report.partial_turns += 1
             first_labelled = list(mask).index(1)
+            full_length = len(ids)
             ids, mask = ids[:max_length], mask[:max_length]
             if not any(mask):
                 report.dropped_examples.append(where)
+                lost.append(where)
                 shortest_prompt = min(shortest_prompt or first_labelled, first_labelled)
+                continue
+            if not any(end <= max_length for _, end in spans):  # every kept answer lost its end (and EOS)
+                report.cut_examples.append(where)
+                lost.append(where)
+                report.cut_longest = max(report.cut_longest, full_length)
                 continue
         features.append({"input_ids": ids, "loss_mask": mask})
         report.kept += 1
@@ -117,6 +137,15 @@ def tokenize_sft(items, tokenizer, max_length: int) -> tuple[list[dict], Truncat
         report.labelled_tokens += sum(mask)
     if not report.examples:
         raise ValueError("no examples to tokenize; the dataset is empty")
+    if not features and report.cut_examples:
+        path, _, line = lost[0].rpartition(":")
+        lines = [w.rpartition(":")[2] or "?" for w in lost]
+        shown = ", ".join(lines[:5]) + (", ..." if len(lines) > 5 else "")
+        raise DataError(path or "dataset", int(line) if line.isdigit() else None,
+                        f"no example fits max_length={max_length} with the end of its answer: "
+                        f"{len(report.cut_examples)} of {len(lost)} examples are truncated past the end of their answer "
+                        f"(lines {shown}), so the model would never see an end-of-turn token; raise --max_length to "
+                        f"{report.cut_longest} (the longest such example), or drop or split the long records")
     if not features:  # all dropped is an error; some dropped is the warning in TruncationReport.log
         path, _, line = report.dropped_examples[0].rpartition(":")
         lines = [w.rpartition(":")[2] or "?" for w in report.dropped_examples]

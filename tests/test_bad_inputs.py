@@ -28,7 +28,8 @@ NOT_JSON = "each line must be one complete JSON object - look for a truncated or
 SAME_PAIR = ("`chosen` is identical to `rejected`, so the pair carries no preference signal; "
              "drop it or fix the rejected response")
 
-# file -> (extra validate args, line, message): `python -m common.data validate` prints f"{file}:{line}: {message}"
+# file -> (extra validate args, line, message): `python -m common.data validate` prints f"{file}:{line}: {message}",
+# or f"{file}: {message}" for a whole-file problem (line None)
 DATA_CASES = {
     "truncated_line.jsonl": ((), 3, f"not valid JSON (Unterminated string starting at, column 79); {NOT_JSON}"),
     "wrong_type_content.jsonl": ((), 2, "messages[1] (assistant) content is a number, expected a string; quote the text"),
@@ -49,8 +50,8 @@ DATA_CASES = {
     "system_in_the_middle.jsonl": ((), 4, "messages[1] is a system message after the start; a system message may only "
                                           "come first - move it to the start or merge it into the first one"),
     "non_utf8.jsonl": ((), 2, "byte 0xe9 is not valid UTF-8; re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"),
-    "empty.jsonl": ((), 1, "file is empty; write at least one record"),
-    "whitespace_only.jsonl": ((), 1, "file is empty; write at least one record"),
+    "empty.jsonl": ((), None, "file is empty; write at least one record"),
+    "whitespace_only.jsonl": ((), None, "file is empty; write at least one record"),
     "chosen_equals_rejected.jsonl": (("--format", "preference"), 2, SAME_PAIR),
     "chosen_equals_rejected_chat.jsonl": (("--format", "preference"), 1, SAME_PAIR),
 }
@@ -66,6 +67,10 @@ def test_every_corpus_file_has_a_case():
 # ---------------------------------------------------------------- data: python -m common.data validate
 
 
+def located(path, line):
+    return f"{path}:{line}" if line is not None else str(path)
+
+
 def validate_in_process(capsys, path, *args):
     from common.data import main
 
@@ -79,7 +84,7 @@ def test_validate_names_file_line_and_fix(capsys, name):
     args, line, message = DATA_CASES[name]
     path = CORPUS / name
     before = path.read_bytes()
-    assert validate_in_process(capsys, path, *args) == (1, "", f"{path}:{line}: {message}\n")
+    assert validate_in_process(capsys, path, *args) == (1, "", f"{located(path, line)}: {message}\n")
     assert path.read_bytes() == before
 
 
@@ -87,7 +92,8 @@ def test_validate_cli_real_processes():
     """The same cases through the real `python -m common.data validate`: exit 1, the one line, no traceback."""
     for name, (args, line, message) in sorted(DATA_CASES.items()):
         proc = run([sys.executable, "-m", "common.data", "validate", f"tests/bad_inputs/{name}", *args])
-        assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"tests/bad_inputs/{name}:{line}: {message}\n")
+        assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"{located(f'tests/bad_inputs/{name}', line)}: "
+                                                                      f"{message}\n")
 
 
 @pytest.fixture(scope="module")

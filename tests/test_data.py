@@ -176,7 +176,7 @@ def test_saved_hf_dataset_and_dataset_dict(tmp_path):
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "no_train")
     with pytest.raises(DataError) as e:
         load_records(tmp_path / "no_train")
-    assert str(e.value) == (f"{tmp_path / 'no_train'}:1: DatasetDict has splits ['test'] but no 'train' split; "
+    assert str(e.value) == (f"{tmp_path / 'no_train'}: DatasetDict has splits ['test'] but no 'train' split; "
                             "save the training split as 'train'")
 
 
@@ -284,8 +284,8 @@ FAULTS = {
                            "`messages` has no assistant message, so there is nothing to learn; add the assistant reply"),
     "bad_role.jsonl": (chat_line(("human", "a"), ("assistant", "b")), 1,
                        "messages[0] has role 'human'; use one of system, user, assistant"),
-    "empty.jsonl": ("", 1, "file is empty; write at least one record"),
-    "blank.jsonl": ("\n  \n", 1, "file is empty; write at least one record"),
+    "empty.jsonl": ("", None, "file is empty; write at least one record"),
+    "blank.jsonl": ("\n  \n", None, "file is empty; write at least one record"),
     "same_pair.jsonl": ('{"prompt": "p", "chosen": "yes", "rejected": "no"}\n'
                         '{"prompt": "p", "chosen": "same", "rejected": "same "}\n', 2,
                         "`chosen` is identical to `rejected`, so the pair carries no preference signal; "
@@ -313,11 +313,12 @@ FAULTS = {
                            '  {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}\n]\n',
                            3, "conversations[1] has unknown \"from\" value 'bot'; use system, human or gpt "
                               "(user and assistant also work)"),
-    "not_list.json": ('"just a string"\n', 1, 'top level is a JSON string; expected a list of records or {"data": [records]}'),
+    "not_list.json": ('"just a string"\n', None, 'top level is a JSON string; expected a list of records or {"data": [records]}'),
     "broken.json": ('[\n  {"text": "a", "label": "x"},\n  {"text": "b" "label": "y"}\n]\n', 3,
                     "not valid JSON (Expecting ',' delimiter, column 16); fix the syntax or use .jsonl with "
                     "one record per line"),
-    "data.txt": ("hello\n", 1, "unsupported file type '.txt'; use .jsonl, .json, .csv or a directory written by save_to_disk"),
+    "data.txt": ("hello\n", None, "unsupported file type '.txt'; use .jsonl, .json, .csv or .parquet (optionally "
+                               ".gz-compressed) or a directory written by save_to_disk"),
 }
 
 
@@ -326,7 +327,8 @@ def test_cli_reports_planted_fault(tmp_path, name):
     text, line, message = FAULTS[name]
     path = write(tmp_path / name, text)
     result = run_cli("validate", path)
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"{path}:{line}: {message}\n")
+    where = f"{path}:{line}" if line else str(path)  # whole-file problems have no line
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"{where}: {message}\n")
 
 
 def test_cli_reports_non_utf8_byte_line(tmp_path):
@@ -340,7 +342,7 @@ def test_cli_reports_non_utf8_byte_line(tmp_path):
 
 def test_cli_reports_missing_file(tmp_path):
     result = run_cli("validate", tmp_path / "nope.jsonl")
-    assert (result.returncode, result.stderr) == (1, f"{tmp_path / 'nope.jsonl'}:1: file not found; check the path\n")
+    assert (result.returncode, result.stderr) == (1, f"{tmp_path / 'nope.jsonl'}: file not found; check the path\n")
 
 
 def test_cli_format_mismatch():
@@ -369,7 +371,7 @@ def test_convert_sharegpt_and_refuse_overwrite(tmp_path):
     converted = [r.data for r in load_records(out)]
     assert converted == [r.data for r in load_records(REPO / "data/samples/sharegpt.json")]
     again = run_cli("convert", "data/samples/sharegpt.json", out)
-    assert (again.returncode, again.stderr) == (1, f"{out}:1: output file already exists; refusing to overwrite - "
+    assert (again.returncode, again.stderr) == (1, f"{out}: output file already exists; refusing to overwrite - "
                                                    "delete it or choose another output path\n")
 
 
