@@ -125,33 +125,70 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
 
 @torch.no_grad()
-def token_weighted_nll(model, features: list[dict], pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
-    """(sum of next-token NLL over every labelled token, number of labelled tokens).
+def token_weighted_nll(model, features: list[dict], pad_token_id: int, batch_size: int = 8,
+                       distributed: bool | None = None) -> tuple[float, int]:
+    """(sum of next-token NLL over every labelled token, number of labelled tokens) of the whole set.
 
-    perplexity = exp(sum / count): every labelled token weighs the same, whatever batch it fell in.
-    The mean of per-batch mean losses (what Trainer.evaluate reports) weighs a token in a batch with
-    few labelled tokens more than one in a batch with many. Features are `tokenize_sft` output
-    (input_ids + loss_mask); labels come from the mask, so EOS is counted when pad == EOS.
+    The project's one definition of held-out loss is `sum / count` (`heldout_loss`): every labelled token
+    weighs the same, whatever batch or rank it fell in, and every example counts once. Features are
+    `tokenize_sft` output (input_ids + loss_mask); labels come from the mask, so EOS is counted when
+    pad == EOS. Batches are right-padded (CausalLMCollator), padding is never labelled.
+
+    Why not `Trainer.evaluate` (CHRONICLES "eval loss 0.5 nats off with 2 ranks"): it averages per-batch
+    mean losses weighted by examples, and on N ranks transformers 5 divides each rank's summed loss by
+    the MEAN labelled-token count over the ranks (`average_tokens_across_devices`), then keeps the first
+    len(set) of the gathered per-example copies of those losses: a rank whose batch has more labelled
+    tokens reports a proportionally larger loss, and which copies survive depends on how the sampler
+    padded the last round with duplicates.
+
+    Distributed (`distributed=None`: whenever a process group with several ranks is up): rank r scores
+    features[r::world] and the sums are all-reduced, so every rank returns the same whole-set figures.
+    Every rank must call it, and every rank runs the same number of forward passes (a shorter shard
+    repeats a discarded batch), which ZeRO-3 and FSDP, whose forwards are collectives, need.
     """
+    import torch.distributed as dist
+
     from common.collator import CausalLMCollator
 
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    shard = features[rank::world]
+    rounds = math.ceil(math.ceil(len(features) / world) / batch_size)  # batches of the longest shard
     collate = CausalLMCollator(pad_token_id, pad_to_multiple_of=8)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        for i in range(0, len(features), batch_size):
-            batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        for step in range(rounds):
+            chunk = shard[step * batch_size:(step + 1) * batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk or features[:1]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if not chunk:  # only to keep the ranks' forward passes in step
+                continue
             labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                    ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((labels != -100).sum())
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                    labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += nll.double()
+            count += (labels != -100).sum()
     finally:
         model.train(was_training)
-    return total, count
+    if distributed:
+        both = torch.stack([total, count])
+        dist.all_reduce(both)
+        total, count = both[0], both[1]
+    return float(total), int(count)
+
+
+def heldout_loss(model, features: list[dict], pad_token_id: int, batch_size: int = 8) -> float | None:
+    """Held-out loss, nats: token-weighted mean NLL over every labelled token of the set, each example once
+    (see token_weighted_nll). The number every recipe reports as eval_loss; None without features."""
+    if not features:
+        return None
+    total, count = token_weighted_nll(model, features, pad_token_id, batch_size)
+    return total / count if count else float("nan")
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:

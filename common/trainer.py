@@ -1,5 +1,10 @@
-"""The Trainer the SFT recipes use: transformers' Trainer plus exact trained-token counts."""
+"""The Trainer the SFT recipes use: transformers' Trainer plus exact trained-token counts and the project's
+held-out loss; where experiment trackers write (`keep_tracking_in_run_dir`, every recipe with --report_to)."""
 from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -14,9 +19,11 @@ class TokenCountingTrainer(Trainer):
     `trained_positions` counts every position fed to the model, padding included, so
     1 - trained_tokens / trained_positions is the padding fraction.
 
-    Evaluation batches always come in dataset order (SequentialSampler), whatever the training sampler
-    (e.g. train_sampling_strategy="group_by_length"), so the held-out loss, a mean of per-batch means,
-    is the same number for the same model whichever way training batches were formed.
+    `evaluate()` (before/after training, every --eval_steps) reports `eval_loss` as
+    common.evaluation.heldout_loss: the token-weighted NLL over every labelled token of the eval set, each
+    example once, whatever the batch size, the training sampler or the number of ranks (all ranks call it;
+    each scores its share and the sums are all-reduced). It is logged like the Trainer's own (log_history,
+    trackers, on_evaluate) and is the same number recipes/evaluate.py reports for the saved adapter.
 
     Two speed-ups, each off with its attribute (tests/test_fast_path.py checks both give the same loss and
     gradients as the plain path):
@@ -54,10 +61,24 @@ class TokenCountingTrainer(Trainer):
             inputs = labelled_logits_inputs(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _get_eval_sampler(self, eval_dataset):
-        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
-            return None
-        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        from common.evaluation import token_weighted_nll
+
+        features = self.eval_dataset if eval_dataset is None else eval_dataset
+        if features is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        # DeepSpeed runs the forward through its engine (ZeRO-3 gathers the partitioned weights in hooks)
+        model = self.model_wrapped if self.is_deepspeed_enabled else self.model
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.data_collator, "pad_token_id", None)
+        start = time.time()
+        total, count = token_weighted_nll(model, list(features), pad, self.args.per_device_eval_batch_size)
+        metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
+                   f"{metric_key_prefix}_tokens": count, f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -93,22 +114,40 @@ def labelled_logits_inputs(inputs: dict) -> dict:
     return {**inputs, "logits_to_keep": keep, "shift_labels": shift[keep]}
 
 
-@torch.no_grad()
-def mean_batch_loss(model, features: list[dict], collator, batch_size: int = 8) -> float:
-    """Held-out loss as Trainer.evaluate reports it (mean of per-batch mean losses), without the Trainer.
+TRACKER_DIRS = {"tensorboard": ("TENSORBOARD_LOGGING_DIR", "runs"), "mlflow": ("MLFLOW_TRACKING_URI", "mlruns"),
+                "trackio": ("TRACKIO_DIR", "trackio")}
+_set_here: dict[str, str] = {}  # the values this module put into os.environ (a later run may replace them)
 
-    Usable before training under DeepSpeed ZeRO-1/2, where `Trainer.evaluate()` before `train()` raises
-    "ZeRO inference only makes sense with ZeRO Stage 3".
+
+def keep_tracking_in_run_dir(output_dir, report_to) -> dict[str, str]:
+    """Point the experiment trackers in `report_to` at folders inside the run directory; call it before the
+    Trainer is built (the trackers' callbacks read these variables when they are created or set up).
+
+    transformers' TensorBoardCallback picks its folder in on_train_begin (`<output_dir>/runs/<date>_<host>`),
+    but creates its writer at the first log: an evaluate() before train() opens a writer in `./runs` of the
+    working directory and every training scalar follows it there. With TENSORBOARD_LOGGING_DIR set, every
+    writer (before, during and after training, and after a resume) opens in <output_dir>/runs, so
+    `tensorboard --logdir <output_dir>/runs` shows one curve per run. mlflow gets
+    `file:<output_dir>/mlruns`, trackio TRACKIO_DIR=<output_dir>/trackio. A variable the user set is kept.
+    Returns {tracker: where it writes}.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    losses = []
-    for i in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collator(features[i:i + batch_size]).items()}
-        losses.append(float(model(**batch).loss))
-    model.train(was_training)
-    return sum(losses) / len(losses)
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [n.strip() for part in names for n in part.split(",") if n.strip()]
+    if "all" in names:
+        names = list(TRACKER_DIRS)
+    where = {}
+    for name in names:
+        if name not in TRACKER_DIRS:
+            continue
+        var, folder = TRACKER_DIRS[name]
+        value = str((Path(output_dir) / folder).resolve())
+        value = f"file:{value}" if name == "mlflow" else value
+        if var in os.environ and os.environ[var] != _set_here.get(var):
+            where[name] = os.environ[var]  # the user's choice
+            continue
+        os.environ[var] = _set_here[var] = value
+        where[name] = value
+    return where
 
 
 class StepProfiler(TrainerCallback):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
+import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoTokenizer, set_seed  # noqa: E402
@@ -42,14 +43,16 @@ from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.checkpoints import CheckpointValidator, OutputDirError, prepare_output_dir  # noqa: E402
 from common.config import parse_config  # noqa: E402
-from common.data import DataError  # noqa: E402
+from common.data import DataError, check_control_tokens, check_format_option, split_eval  # noqa: E402
 from common.evaluation import generate_replies  # noqa: E402
 from common.models import load_base_model, pick_attn_implementation, resolve_precision  # noqa: E402
 from common.preference import is_conversational, load_preference, prompt_text, split_prompt_completion  # noqa: E402
 from common.run_files import (PeakMemory, device_name, estimated_cost, now, plot_loss, version_drift,  # noqa: E402
                               write_json, write_manifest)
+from common.trainer import keep_tracking_in_run_dir  # noqa: E402
 
-log = logging.getLogger("dpo")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 ALGORITHMS = ("dpo", "orpo", "kto")
 
 
@@ -58,7 +61,9 @@ class Config:
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "hub id, local dir, or asset:tiny / asset:smollm2 (built offline)"})
     dataset_path: str = field(default="data/preference/train.jsonl", metadata={"help": "preference pairs (prompt/chosen/rejected, plain or conversational)"})
     eval_dataset_path: str = field(default="data/preference/heldout.jsonl", metadata={"help": "held-out pairs: reward accuracy and margins before and after"})
-    output_dir: str = field(default="runs/dpo", metadata={"help": "run directory (metrics.json, manifest.json, loss.png, generations.json, adapter/ or model/)"})
+    dataset_format: str = field(default="auto", metadata={"help": "auto | preference: the files must hold preference pairs (prompt/chosen/rejected); a record of another format is refused with its file:line"})
+    eval_split: float = field(default=0.0, metadata={"help": "0 < x < 1: hold out this fraction of the training pairs (seeded by --seed) as the held-out set instead of --eval_dataset_path; 0 = no split"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "run directory (metrics.json, manifest.json, loss.png, generations.json, adapter/ or model/)"})
     algorithm: str = field(default="dpo", metadata={"help": "dpo | orpo (no reference model) | kto (pairs are split into desirable/undesirable examples)"})
     method: str = field(default="lora", metadata={"help": "lora (reference = adapter disabled, no copy) | full (reference = a frozen copy, or precomputed)"})
     beta: float = field(default=0.1, metadata={"help": "DPO/KTO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term (lambda)"})
@@ -84,7 +89,7 @@ class Config:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata={"help": "Linear layer names, or all-linear"})
     seed: int = field(default=42, metadata={"help": "random seed"})
     logging_steps: int = field(default=2, metadata={"help": "log every N optimizer steps"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps; 0 = no checkpoints"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps; 0 = no checkpoints", "min": 0})
     resume: bool = field(default=True, metadata={"help": "resume an unfinished run found in output_dir from its last valid checkpoint"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb"})
     sample_generations: int = field(default=4, metadata={"help": "held-out prompts answered (greedy) before and after; 0 = none"})
@@ -216,14 +221,17 @@ def main(cfg: Config) -> dict:
     device = checks.resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     bf16 = precision == "bf16"
+    check_format_option(cfg.dataset_format, ("preference",))
     train_records = load_preference(cfg.dataset_path)
-    eval_records = load_preference(cfg.eval_dataset_path)
+    train_records, eval_records = (split_eval(train_records, cfg.eval_split, cfg.seed) if cfg.eval_split
+                                   else (train_records, load_preference(cfg.eval_dataset_path)))
     for name in version_drift():
         log.warning("version drift from requirements.txt: %s", name)
 
     # ---- tokenizer; every pair must fit max_length (TRL would cut the EOS off) --------------------
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_control_tokens(train_records + eval_records, "preference", tokenizer, source=model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position here; pad == EOS is harmless
     too_long = [f"{r['where']} ({len(p) + max(len(c), len(j))} tokens)"
@@ -234,7 +242,7 @@ def main(cfg: Config) -> dict:
                                  f"{', '.join(too_long[:5])}. Raise --max_length or shorten them")
     eval_pairs = tokenize_pairs(tokenizer, eval_records)
     resume_from = prepare_output_dir(output_dir, asdict(cfg), cfg.resume)
-    datasets_used = [cfg.dataset_path, cfg.eval_dataset_path]
+    datasets_used = [cfg.dataset_path] + ([] if cfg.eval_split else [cfg.eval_dataset_path])
     write_manifest(output_dir, cfg, datasets_used, started, "running")
 
     # ---- model (fp32 weights; bf16 is autocast) and, for full DPO/KTO, the reference copy ---------
@@ -277,6 +285,7 @@ def main(cfg: Config) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=cfg.logging_steps, logging_first_step=True,
         report_to=cfg.report_to, save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
         dataloader_num_workers=0, disable_tqdm=True)
+    keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
     trainer = build_trainer(cfg, model, ref_model, tokenizer, train_records, common_args, peft_config,
                             [CheckpointValidator()])
     policy = trainer.model
@@ -324,7 +333,7 @@ def main(cfg: Config) -> dict:
     trained_tokens = trainer.trained_tokens
     world = trainer.args.world_size
     metrics = {
-        "recipe": "dpo", "algorithm": cfg.algorithm, "method": cfg.method, "model": model_path,
+        "recipe": RECIPE, "algorithm": cfg.algorithm, "method": cfg.method, "model": model_path,
         "device": device_name(device), "device_type": device.type, "world_size": world, "precision": precision,
         "beta": cfg.beta, "loss_type": cfg.loss_type if cfg.algorithm != "orpo" else None,
         "reference": reference_held, "precompute_ref_log_probs": cfg.precompute_ref_log_probs,

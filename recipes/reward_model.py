@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
+import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed  # noqa: E402
@@ -33,14 +34,16 @@ from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.checkpoints import CheckpointValidator, OutputDirError, prepare_output_dir  # noqa: E402
 from common.config import parse_config  # noqa: E402
-from common.data import DataError  # noqa: E402
+from common.data import DataError, check_control_tokens, check_format_option, split_eval  # noqa: E402
 from common.models import resolve_precision  # noqa: E402
 from common.preference import (check_score_head_trainable, load_preference, pairwise_eval, reward_sequence,  # noqa: E402
                                use_distinct_pad_token)
 from common.run_files import (PeakMemory, device_name, estimated_cost, now, plot_loss, version_drift,  # noqa: E402
                               write_json, write_manifest)
+from common.trainer import keep_tracking_in_run_dir  # noqa: E402
 
-log = logging.getLogger("reward_model")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 
 
 @dataclass
@@ -48,7 +51,9 @@ class Config:
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "hub id, local dir, or asset:tiny / asset:smollm2; loaded as a sequence classifier (num_labels=1)"})
     dataset_path: str = field(default="data/preference/train.jsonl", metadata={"help": "preference pairs (prompt/chosen/rejected, plain or conversational)"})
     eval_dataset_path: str = field(default="data/preference/heldout.jsonl", metadata={"help": "held-out pairs: pairwise accuracy before and after"})
-    output_dir: str = field(default="runs/reward_model", metadata={"help": "run directory (metrics.json, manifest.json, loss.png, adapter/ or model/)"})
+    dataset_format: str = field(default="auto", metadata={"help": "auto | preference: the files must hold preference pairs (prompt/chosen/rejected); a record of another format is refused with its file:line"})
+    eval_split: float = field(default=0.0, metadata={"help": "0 < x < 1: hold out this fraction of the training pairs (seeded by --seed) as the held-out set instead of --eval_dataset_path; 0 = no split"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "run directory (metrics.json, manifest.json, loss.png, adapter/ or model/)"})
     method: str = field(default="lora", metadata={"help": "lora (adapters + the score head) | full (every weight)"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32 (weights stay fp32; bf16/fp16 are autocast)"})
@@ -70,7 +75,7 @@ class Config:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata={"help": "Linear layer names, or all-linear"})
     seed: int = field(default=42, metadata={"help": "random seed (also initialises the score head)"})
     logging_steps: int = field(default=2, metadata={"help": "log every N optimizer steps"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps; 0 = no checkpoints"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps; 0 = no checkpoints", "min": 0})
     resume: bool = field(default=True, metadata={"help": "resume an unfinished run found in output_dir from its last valid checkpoint"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb"})
     hourly_price_usd: float = field(default=1.41, metadata={"help": "price per device-hour for the cost estimate"})
@@ -95,14 +100,17 @@ def main(cfg: Config) -> dict:
     checks.check_world_size(1)
     device = checks.resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    check_format_option(cfg.dataset_format, ("preference",))
     train_records = load_preference(cfg.dataset_path)
-    eval_records = load_preference(cfg.eval_dataset_path)
+    train_records, eval_records = (split_eval(train_records, cfg.eval_split, cfg.seed) if cfg.eval_split
+                                   else (train_records, load_preference(cfg.eval_dataset_path)))
     for name in version_drift():
         log.warning("version drift from requirements.txt: %s", name)
 
     # ---- tokenizer and features: every sequence ends at its EOS, where the score is read ----------
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_control_tokens(train_records + eval_records, "preference", tokenizer, source=model_path)
     pad_note = use_distinct_pad_token(tokenizer)
     features, too_long = [], []
     for r in train_records + eval_records:
@@ -117,7 +125,7 @@ def main(cfg: Config) -> dict:
     train_features = features[:len(train_records)]
     train_tokens_per_epoch = sum(len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in train_features)
     resume_from = prepare_output_dir(output_dir, asdict(cfg), cfg.resume)
-    datasets = [cfg.dataset_path, cfg.eval_dataset_path]
+    datasets = [cfg.dataset_path] + ([] if cfg.eval_split else [cfg.eval_dataset_path])
     write_manifest(output_dir, cfg, datasets, started, "running")
 
     # ---- model: causal LM -> sequence classifier with a fresh score head (+ LoRA) ------------------
@@ -161,6 +169,7 @@ def main(cfg: Config) -> dict:
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
         dataloader_num_workers=0, disable_tqdm=True,
     )
+    keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_features),
                             processing_class=tokenizer, callbacks=[CheckpointValidator()])
     if len(trainer.train_dataset) != len(train_features):
@@ -180,7 +189,7 @@ def main(cfg: Config) -> dict:
     train_losses = [h["loss"] for h in history if "loss" in h]
     trained_tokens = trainer._total_train_tokens
     metrics = {
-        "recipe": "reward_model", "method": cfg.method, "model": model_path, "device": device_name(device),
+        "recipe": RECIPE, "method": cfg.method, "model": model_path, "device": device_name(device),
         "device_type": device.type, "world_size": args.world_size, "precision": precision,
         "final_train_loss": train_losses[-1] if train_losses else None, "mean_train_loss": train_result.training_loss,
         "train_accuracy_last_log": next((h["accuracy"] for h in reversed(history) if "accuracy" in h), None),

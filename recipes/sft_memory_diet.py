@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
+import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
@@ -40,18 +41,21 @@ from common.assets import resolve_model_path  # noqa: E402
 from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, NonFiniteGuard, RunError,  # noqa: E402
                                 RunSegments, SaveOnSignal, explain_disk_full, prepare_output_dir)
 from common.collator import CausalLMCollator, PaddingFreeCollator, packed_attention_leak, tokenize_sft  # noqa: E402
-from common.config import parse_config  # noqa: E402
-from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
+from common.config import default_config_path, parse_config  # noqa: E402
+from common.data import DataError, check_control_tokens, load_sft_data, sft_items  # noqa: E402
 from common.evaluation import generate_replies, keyword_accuracy  # noqa: E402
 from common.memory import GB, PlanError, Settings, load_config, recommend  # noqa: E402
 from common.attention import register as register_packed_attention  # noqa: E402
 from common.models import (attach_lora, load_base_model, pick_attn_implementation, resolve_precision,  # noqa: E402
                            tune_cpu_allocator)
-from common.trainer import StepProfiler, TokenCountingTrainer, accepts_logits_to_keep  # noqa: E402
+from common.trainer import (StepProfiler, TokenCountingTrainer, accepts_logits_to_keep,  # noqa: E402
+                            keep_tracking_in_run_dir, labelled_logits_inputs)
+from peft.helpers import disable_input_dtype_casting  # noqa: E402
 from common.run_files import (PeakMemory, device_name, estimated_cost, now, plot_loss, version_drift,  # noqa: E402
                               write_json, write_manifest)
 
-log = logging.getLogger("sft_memory_diet")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 
 
 @dataclass
@@ -59,8 +63,9 @@ class Config:
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "hub id, local dir, or asset:tiny / asset:smollm2 (built offline)"})
     dataset_path: str = field(default="data/persona/train.jsonl", metadata={"help": "training data: .jsonl/.json/.csv/ShareGPT/saved HF dataset (chat, instruction or completion format)"})
     eval_dataset_path: str | None = field(default="data/persona/heldout.jsonl", metadata={"help": "held-out data; records with `keywords` also give keyword accuracy"})
-    dataset_format: str = field(default="auto", metadata={"help": "auto | chat | instruction | completion"})
-    output_dir: str = field(default="runs/sft_memory_diet", metadata={"help": "run directory (metrics.json, manifest.json, loss.png, adapter, checkpoints)"})
+    dataset_format: str = field(default="auto", metadata={"help": "auto | chat | instruction | completion: the training file's format (the eval file's is detected on its own)"})
+    eval_split: float = field(default=0.0, metadata={"help": "0 < x < 1: hold out this fraction of the training file (seeded by --seed) as the evaluation set instead of --eval_dataset_path; 0 = no split"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "run directory (metrics.json, manifest.json, loss.png, adapter, checkpoints)"})
     method: str = field(default="lora", metadata={"help": "lora | qlora (4-bit NF4 base via bitsandbytes)"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32 (auto: bf16 where the hardware has it, else fp32 on CPU / fp16 on old GPUs)"})
@@ -99,10 +104,6 @@ class Config:
     hourly_price_usd: float = field(default=1.41, metadata={"help": "price per device-hour for the cost estimate (default: seed 002's on-demand 24 GB A10G rate)"})
 
 
-def sft_items(records, fmt):
-    return [(f"{r.path}:{r.line}", to_messages(r.data, fmt), r.data) for r in records]
-
-
 # ---- fast by default: what packing, checkpointing and batch size this run uses ---------------------
 AUTO_TRUE_FALSE = ("auto", "true", "false")
 BATCH_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps")
@@ -119,6 +120,7 @@ def options_set_by_user(argv: list[str]) -> set[str]:
                 config = value or (argv[i + 1] if i + 1 < len(argv) else None)
             else:
                 names.add(name)
+    config = config or default_config_path(Config)  # no --config: parse_config read the recipe's own YAML
     if config:
         import yaml
 
@@ -245,10 +247,8 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     checks.check_world_size(1)  # single-device recipe; launch/multigpu_qlora.sh is the multi-GPU one
     device = checks.resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    train_records, fmt = load_dataset_file(cfg.dataset_path, cfg.dataset_format)
-    eval_records = load_dataset_file(cfg.eval_dataset_path, cfg.dataset_format)[0] if cfg.eval_dataset_path else []
-    if fmt not in ("chat", "instruction", "completion"):
-        raise checks.CheckFailed(f"{cfg.dataset_path}: format {fmt!r} is not SFT data; use chat, instruction or completion")
+    train_records, fmt, eval_records, eval_fmt = load_sft_data(cfg.dataset_path, cfg.eval_dataset_path, cfg.dataset_format,
+                                                               cfg.eval_split, cfg.seed)
     quantized_on_cpu = cfg.method == "qlora" and device.type == "cpu"
     if quantized_on_cpu and cfg.eval_steps > 0:
         raise checks.CheckFailed("--eval_steps > 0 with QLoRA on CPU: an eval-mode forward repacks bitsandbytes 4-bit "
@@ -260,11 +260,14 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     # ---- tokenizer, template, tokenization -------------------------------------------------------
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if fmt != "completion" or to_messages(train_records[0].data, fmt) is not None:
+    train_items, eval_items = sft_items(train_records, fmt), sft_items(eval_records, eval_fmt)
+    if any(messages is not None for _, messages, _ in train_items[:1] + eval_items[:1]):  # chat in either file
         checks.check_chat_template(tokenizer, source=model_path)
-    train_features, truncation = tokenize_sft(sft_items(train_records, fmt), tokenizer, cfg.max_length)
+    check_control_tokens(train_records, fmt, tokenizer, source=model_path)  # text that would become control tokens
+    check_control_tokens(eval_records, eval_fmt, tokenizer, source=model_path)
+    train_features, truncation = tokenize_sft(train_items, tokenizer, cfg.max_length)
     truncation.log(cfg.max_length)
-    eval_features = tokenize_sft(sft_items(eval_records, fmt), tokenizer, cfg.max_length)[0] if eval_records else []
+    eval_features = tokenize_sft(eval_items, tokenizer, cfg.max_length)[0] if eval_items else []
     collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
 
     # ---- fast by default: packing, memory plan (checkpointing, micro-batch), kernels ------------------
@@ -290,7 +293,7 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     # the output dir is locked only now: a data, template or truncation error above leaves it as it was; the
     # manifest and memory plan are written after the fail-fast checks below, so a failed start leaves no trace
     resume_from = prepare_output_dir(output_dir, asdict(cfg), cfg.resume)
-    datasets = [cfg.dataset_path] + ([cfg.eval_dataset_path] if cfg.eval_dataset_path else [])
+    datasets = [cfg.dataset_path] + ([cfg.eval_dataset_path] if cfg.eval_dataset_path and not cfg.eval_split else [])
 
     plan_file = output_dir / "memory_plan.json"
     if resume_from and plan_file.is_file():  # a resumed run keeps its batch shape, whatever memory is free now
@@ -351,6 +354,7 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     preempted = SaveOnSignal()  # SIGTERM/SIGINT: save after this step, stop, exit 75 (rerun resumes)
     # figures of the segments before a resume travel in the checkpoints: metrics.json covers the whole run
     segments = RunSegments(resume_from, counters=("trained_tokens", "trained_labelled_tokens", "trained_positions"))
+    keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features or None,
                          data_collator=collator, processing_class=tokenizer,
                          callbacks=[CheckpointValidator(segments=segments), preempted, NonFiniteGuard()])
@@ -365,13 +369,20 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     # ---- fail-fast checks on one real batch ------------------------------------------------------
     first = train_features[:micro]
     checks.check_labels(padded_collator(first), tokenizer.eos_token_id, tokenizer.pad_token_id)  # per example
-    checks.check_gradient_flow(model, {k: v for k, v in collator(first).items() if torch.is_tensor(v)})
+    # run like a training step (its autocast, no peft input cast, LM head on labelled positions), so the check
+    # needs no more memory than the steps do (common.memory plans it that way)
+    check_batch = {k: v for k, v in collator(first).items() if torch.is_tensor(v)}
+    if cfg.labelled_logits_only and accepts_logits_to_keep(model):
+        check_batch = labelled_logits_inputs(check_batch)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), \
+            disable_input_dtype_casting(model, active=precision == "bf16"):
+        checks.check_gradient_flow(model, check_batch)
     write_manifest(output_dir, cfg, datasets, started, "running")
     if not memory_plan.get("resumed"):
         write_json(plan_file, memory_plan)
 
     # ---- before: held-out loss, generations, keyword accuracy ------------------------------------
-    probe = [r for r in eval_records if r.data.get("keywords")] if fmt == "chat" else []
+    probe = [r for r in eval_records if r.data.get("keywords")] if eval_fmt == "chat" else []
     probe_convs = [r.data["messages"][:-1] for r in probe]
     before_file = output_dir / "before.json"
     if resume_from and before_file.is_file():
@@ -430,7 +441,7 @@ def main(cfg: Config, user_options: set[str] | None = None) -> dict:
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     metrics = {
-        "recipe": "sft_memory_diet", "method": cfg.method, "model": model_path, "device": device_name(device),
+        "recipe": RECIPE, "method": cfg.method, "model": model_path, "device": device_name(device),
         "device_type": device.type, "world_size": world, "precision": precision,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "mean_train_loss": whole["mean_train_loss"],

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
@@ -38,12 +39,13 @@ from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, OutputDi
                                 exit_for_requeue, prepare_output_dir)
 from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
 from common.config import parse_config  # noqa: E402
-from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
+from common.data import DataError, check_control_tokens, load_sft_data, sft_items  # noqa: E402
 from common.models import DTYPES, attach_lora, load_base_model, pick_attn_implementation, resolve_precision  # noqa: E402
 from common.run_files import PeakMemory, device_name, estimated_cost, now, plot_loss, write_json, write_manifest  # noqa: E402
-from common.trainer import TokenCountingTrainer, mean_batch_loss  # noqa: E402
+from common.trainer import TokenCountingTrainer, keep_tracking_in_run_dir  # noqa: E402
 
-log = logging.getLogger("sft_multigpu_qlora")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 LAUNCH_CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "configs"
 SHARDING = {"ddp": {}, "fsdp": {"fsdp": "full_shard auto_wrap", "fsdp_config": str(LAUNCH_CONFIGS / "fsdp2.json")},
             "zero2": {"deepspeed": str(LAUNCH_CONFIGS / "ds_zero2.json")},
@@ -55,7 +57,9 @@ class Config:
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "hub id, local dir, or asset:tiny / asset:smollm2"})
     dataset_path: str = field(default="data/persona/train.jsonl", metadata={"help": "training data (chat, instruction or completion format)"})
     eval_dataset_path: str | None = field(default="data/persona/heldout.jsonl", metadata={"help": "held-out data for eval loss before/after"})
-    output_dir: str = field(default="runs/sft_multigpu_qlora", metadata={"help": "run directory"})
+    dataset_format: str = field(default="auto", metadata={"help": "auto | chat | instruction | completion: the training file's format (the eval file's is detected on its own)"})
+    eval_split: float = field(default=0.0, metadata={"help": "0 < x < 1: hold out this fraction of the training file (seeded by --seed, the same on every rank) as the evaluation set instead of --eval_dataset_path; 0 = no split"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "run directory"})
     method: str = field(default="qlora", metadata={"help": "qlora (NF4 base) | lora"})
     sharding: str = field(default="ddp", metadata={"help": "ddp | fsdp (FSDP2, GPU) | zero2 | zero3 (DeepSpeed, ZeRO-3 with CPU offload)"})
     expected_world_size: int = field(default=0, metadata={"help": "processes the job asked for (the launcher sets it); 0 = do not check"})
@@ -116,18 +120,20 @@ def main(cfg: Config) -> dict | None:
     set_seed(cfg.seed)
 
     # ---- data: every rank loads and tokenizes; all must agree --------------------------------------
-    records, fmt = load_dataset_file(cfg.dataset_path)
-    eval_records = load_dataset_file(cfg.eval_dataset_path)[0] if cfg.eval_dataset_path else []
+    records, fmt, eval_records, eval_fmt = load_sft_data(cfg.dataset_path, cfg.eval_dataset_path, cfg.dataset_format,
+                                                         cfg.eval_split, cfg.seed)
     model_path = resolve_model_path(cfg.model_name_or_path) if rank.local_rank == 0 else None
     if rank.world_size > 1:
         torch.distributed.barrier()  # local rank 0 builds an asset:* model once per node
     model_path = model_path or resolve_model_path(cfg.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     checks.check_chat_template(tokenizer, source=model_path)
-    items = [(f"{r.path}:{r.line}", to_messages(r.data, fmt), r.data) for r in records]
-    features, truncation = tokenize_sft(items, tokenizer, cfg.max_length)
-    eval_features = tokenize_sft([(f"{r.path}:{r.line}", to_messages(r.data, fmt), r.data) for r in eval_records],
-                                 tokenizer, cfg.max_length)[0] if eval_records else []
+    check_control_tokens(records, fmt, tokenizer, source=model_path)  # text that would become control tokens
+    check_control_tokens(eval_records, eval_fmt, tokenizer, source=model_path)
+    features, truncation = tokenize_sft(sft_items(records, fmt), tokenizer, cfg.max_length)
+    if rank.is_main:
+        truncation.log(cfg.max_length)
+    eval_features = tokenize_sft(sft_items(eval_records, eval_fmt), tokenizer, cfg.max_length)[0] if eval_records else []
     ddp.check_same_data_on_all_ranks(features, cfg.dataset_path)
     output_dir = Path(cfg.output_dir)
     resume_from = None
@@ -173,11 +179,12 @@ def main(cfg: Config) -> dict | None:
     log.info("effective batch = %d per device x %d accumulation x %d ranks = %d sequences per optimizer step",
              cfg.per_device_train_batch_size, accumulation, rank.world_size, effective)
     preempted = SaveOnSignal()  # SIGTERM/SIGINT: save after this step, stop, exit 75 (rerun resumes)
+    keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=features, eval_dataset=eval_features or None,
                                    data_collator=collator, processing_class=tokenizer,
                                    callbacks=[CheckpointValidator(), preempted])
-    # not trainer.evaluate(): under ZeRO-2 it raises before train() ("ZeRO inference only makes sense with ZeRO Stage 3")
-    before = mean_batch_loss(model, eval_features, collator) if eval_features and not guard else None
+    # eval_loss: token-weighted NLL of the whole eval set over all ranks (common.evaluation.heldout_loss)
+    before = trainer.evaluate()["eval_loss"] if eval_features and not guard else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     if preempted.received:
         log.warning("stopped by a signal at step %d; checkpoint saved; rerun to resume (exit code %d)",
@@ -204,7 +211,7 @@ def main(cfg: Config) -> dict | None:
     train_seconds = result.metrics["train_runtime"]
     trained_tokens = sum(r["trained_tokens"] for r in per_rank)
     metrics = {
-        "recipe": "sft_multigpu_qlora", "method": cfg.method, "sharding": cfg.sharding, "model": model_path,
+        "recipe": RECIPE, "method": cfg.method, "sharding": cfg.sharding, "model": model_path,
         "device": device_name(rank.device), "device_type": rank.device.type, "world_size": rank.world_size,
         "precision": precision, "effective_batch_size": effective, "gradient_accumulation_steps": accumulation,
         "final_train_loss": losses[-1] if losses else None, "eval_loss_before": before, "eval_loss_after": after,

@@ -213,3 +213,92 @@ print(args.bf16, ignored, Accelerator(gradient_accumulation_steps=1, cpu=True).m
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_MIXED_PRECISION"}
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert proc.stdout.split() == ["True", "no", "bf16"], proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- frozen-model check at bf16 (CHRONICLES)
+
+def grpo_config(tiny_dir, out, **extra):
+    """The issue's command: GRPO, programmatic reward, default precision (bf16 autocast on this CPU)."""
+    from recipes.ppo import Config
+
+    return Config(model_name_or_path=str(tiny_dir), algorithm="grpo", reward="concise", max_steps=2,
+                  response_length=16, output_dir=str(out), dataset_path=str(REPO / "data/samples/preference_chat.jsonl"),
+                  eval_dataset_path=str(REPO / "data/samples/preference_chat.jsonl"), **extra)
+
+
+def test_reference_tolerance_fits_bf16_rounding(tiny_dir):
+    """An untouched reference recomputed behind the trainer's bf16 autocast moves 0; the fixed fp32 tolerance (1e-3)
+    would call the bf16 rounding of a 16-token log-prob a move; a base weight really moved is caught."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.preference import load_preference, prompt_ids
+    from recipes.ppo import FROZEN_TOLERANCE, reference_tolerance, sequence_logps
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = [prompt_ids(tok, r["prompt"]) for r in load_preference(REPO / "data/samples/preference_chat.jsonl")]
+    torch.manual_seed(0)
+    responses = [torch.randint(0, tok.vocab_size, (16,)).tolist() for _ in prompts]
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                            LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    start_fp32 = sequence_logps(policy, prompts, responses)
+    start = sequence_logps(policy, prompts, responses, "bf16")
+    tolerance = reference_tolerance(start_fp32, start)
+    assert float((start - start_fp32).abs().max()) > FROZEN_TOLERANCE  # bf16 rounding alone exceeds the fp32 bound
+    assert tolerance < 0.05
+    try:
+        Accelerator(cpu=True, mixed_precision="bf16").prepare_model(policy)  # what the trainer does to the policy
+        with policy.disable_adapter():
+            assert float((sequence_logps(policy, prompts, responses, "bf16") - start).abs().max()) == 0.0
+            # measured "in fp32" after prepare, the forward is bf16 anyway: the change the old check saw
+            assert float((sequence_logps(policy, prompts, responses) - start_fp32).abs().max()) > FROZEN_TOLERANCE
+            with torch.no_grad():  # one Adam step at lr 1e-3 on every base matrix: the reference really moved
+                for name, p in policy.named_parameters():
+                    if "lora_" not in name and p.dim() == 2 and "embed" not in name:
+                        p.add_(1e-3 * torch.sign(torch.randn_like(p)))
+            assert float((sequence_logps(policy, prompts, responses, "bf16") - start).abs().max()) > 2 * tolerance
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_grpo_at_bf16_passes_the_frozen_check_with_an_untouched_reference(tiny_dir, tmp_path, monkeypatch):
+    from recipes.ppo import main
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # main() sets it; restored after the test
+    m = main(grpo_config(tiny_dir, tmp_path / "grpo"))
+    assert (m["precision"], m["mixed_precision"]) == ("bf16", "bf16")
+    assert m["reference_logps_max_abs_change"] <= m["reference_logps_tolerance"] < 0.05
+    assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_failed_frozen_check_keeps_the_trained_adapter_and_says_where(tiny_dir, tmp_path, monkeypatch):
+    """The reference really moves (a base weight changes during training): the check fails, and the adapter that
+    was trained is already on disk, named in the error with what to do."""
+    import trl
+
+    from common.checks import CheckFailed
+    from recipes.ppo import main
+
+    class BaseMovingGRPOTrainer(trl.GRPOTrainer):
+        def train(self, *args, **kwargs):
+            out = super().train(*args, **kwargs)
+            with torch.no_grad():
+                self.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.mul_(1.5)
+            return out
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setattr(trl, "GRPOTrainer", BaseMovingGRPOTrainer)
+    out = tmp_path / "grpo"
+    with pytest.raises(CheckFailed) as failure:
+        main(grpo_config(tiny_dir, out))
+    message = str(failure.value)
+    assert "a frozen model moved during training" in message and "at bf16" in message
+    assert f"saved in {out / 'adapter'}" in message and "--precision fp32" in message
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out / "adapter")  # loads
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["failed_check"] == message
