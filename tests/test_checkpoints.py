@@ -12,9 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from common import checkpoints as checkpoints_module
 from common.checkpoints import (MARKER, RESUMABLE_KEYS_MAY_CHANGE, WEIGHT_FILES, CheckpointValidator,
                                 OutputDirError, checkpoint_problems, checkpoints, last_valid_checkpoint,
-                                prepare_output_dir)
+                                prepare_output_dir, release_output_dir)
 from common.run_files import write_manifest
 
 ADAPTER = "adapter_model.safetensors"
@@ -40,6 +41,13 @@ def make_trainer(model_dir, output_dir, callbacks, max_steps=4):
                              save_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, report_to="none",
                              logging_steps=1, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+@pytest.fixture(autouse=True)
+def release_locks():
+    """prepare_output_dir locks a run directory for the life of the process; a test gives its locks back."""
+    yield
+    checkpoints_module._release_all()
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,7 @@ def test_real_checkpoints_are_complete_and_validated(trained_run):
         assert json.loads((path / "trainer_state.json").read_text())["global_step"] == step
         on_disk = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != MARKER}
         assert marker["files"] == on_disk
+        assert marker["sha256"] == {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in on_disk}
         for name in (ADAPTER, "optimizer.pt", "scheduler.pt", "trainer_state.json"):
             assert marker["files"][name] > 0
     assert last_valid_checkpoint(trained_run) == trained_run / "checkpoint-4"
@@ -186,7 +195,9 @@ def test_validator_marks_a_good_checkpoint(run_copy):
     control = call_on_save(CheckpointValidator(), run_copy, 4)
     assert not control.should_training_stop
     marker = json.loads((path / MARKER).read_text())
-    assert marker == {"step": 4, "files": {p.name: p.stat().st_size for p in path.iterdir() if p.name != MARKER}}
+    files = [p for p in path.iterdir() if p.name != MARKER]
+    assert marker == {"step": 4, "files": {p.name: p.stat().st_size for p in files},
+                      "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
     assert last_valid_checkpoint(run_copy) == path
 
 
@@ -271,8 +282,10 @@ def unfinished(run_dir: Path, config: dict = CONFIG) -> Path:
 def test_missing_dir_is_created(tmp_path):
     out = tmp_path / "a" / "b"
     assert prepare_output_dir(out, CONFIG) is None
-    assert out.is_dir() and not any(out.iterdir())
-    assert prepare_output_dir(out, CONFIG) is None  # empty: still a fresh run
+    assert out.is_dir() and [p.name for p in out.iterdir()] == [".lock"]  # locked by this process
+    assert prepare_output_dir(out, CONFIG) is None  # empty but for the lock: still a fresh run
+    release_output_dir(out)
+    assert not out.exists()  # created here and left empty: a failed start leaves nothing behind
 
 
 def test_a_file_is_refused(tmp_path):
