@@ -41,7 +41,7 @@ from transformers import AutoTokenizer, set_seed  # noqa: E402
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import CheckpointValidator, OutputDirError, prepare_output_dir  # noqa: E402
+from common.checkpoints import CheckpointValidator, NonFiniteGuard, RunError, explain_disk_full, prepare_output_dir  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, check_control_tokens, check_format_option, split_eval  # noqa: E402
 from common.evaluation import generate_replies  # noqa: E402
@@ -287,7 +287,7 @@ def main(cfg: Config) -> dict:
         dataloader_num_workers=0, disable_tqdm=True)
     keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
     trainer = build_trainer(cfg, model, ref_model, tokenizer, train_records, common_args, peft_config,
-                            [CheckpointValidator()])
+                            [CheckpointValidator(), NonFiniteGuard()])
     policy = trainer.model
     lora_modules = checks.check_lora_targets(policy, peft_config.target_modules if isinstance(peft_config.target_modules, str)
                                              else sorted(peft_config.target_modules)) if peft_config else 0
@@ -297,7 +297,8 @@ def main(cfg: Config) -> dict:
                                  "disabled policy is the reference and needs no copy")
 
     # ---- train -----------------------------------------------------------------------------------
-    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with explain_disk_full(output_dir, trainer):
+        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # ---- after: held-out figures; the reference must not have moved ------------------------------
     end_logps = completion_logps(policy, eval_pairs, tokenizer.pad_token_id, bf16)
@@ -364,6 +365,6 @@ if __name__ == "__main__":
     config = parse_config(Config)
     try:
         main(config)
-    except (checks.CheckFailed, DataError, OutputDirError) as e:
+    except (checks.CheckFailed, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: 
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import OutputDirError, prepare_output_dir  # noqa: E402
+from common.checkpoints import NonFiniteGuard, RunError, prepare_output_dir  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, check_control_tokens, check_format_option  # noqa: E402
 from common.models import resolve_precision  # noqa: E402
@@ -388,6 +388,7 @@ def main(cfg: Config) -> dict:
 
     # ---- train ------------------------------------------------------------------------------------
     train_start = time.time()
+    trainer.add_callback(NonFiniteGuard())  # a non-finite loss / grad norm stops the run, exit 1
     trainer.train()
     train_seconds = time.time() - train_start
 
@@ -506,6 +507,6 @@ if __name__ == "__main__":
     config = parse_config(Config)
     try:
         main(config)
-    except (checks.CheckFailed, DataError, OutputDirError) as e:
+    except (checks.CheckFailed, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -32,7 +32,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import CheckpointValidator, OutputDirError, prepare_output_dir  # noqa: E402
+from common.checkpoints import CheckpointValidator, NonFiniteGuard, RunError, explain_disk_full, prepare_output_dir  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, check_control_tokens, check_format_option, split_eval  # noqa: E402
 from common.models import resolve_precision  # noqa: E402
@@ -171,10 +171,11 @@ def main(cfg: Config) -> dict:
     )
     keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_features),
-                            processing_class=tokenizer, callbacks=[CheckpointValidator()])
+                            processing_class=tokenizer, callbacks=[CheckpointValidator(), NonFiniteGuard()])
     if len(trainer.train_dataset) != len(train_features):
         raise checks.CheckFailed(f"TRL kept {len(trainer.train_dataset)} of {len(train_features)} training pairs")
-    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with explain_disk_full(output_dir, trainer):
+        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # ---- after: held-out accuracy, save ------------------------------------------------------------
     after = pairwise_eval(model, tokenizer, eval_records, autocast_bf16=bf16)
@@ -220,6 +221,6 @@ if __name__ == "__main__":
     config = parse_config(Config)
     try:
         main(config)
-    except (checks.CheckFailed, DataError, OutputDirError) as e:
+    except (checks.CheckFailed, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -35,8 +35,8 @@ from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E40
 from common import checks  # noqa: E402
 from common import distributed as ddp  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, OutputDirError, SaveOnSignal,  # noqa: E402
-                                exit_for_requeue, prepare_output_dir)
+from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, NonFiniteGuard, RunError,  # noqa: E402
+                                SaveOnSignal, exit_for_requeue, explain_disk_full, prepare_output_dir)
 from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, check_control_tokens, load_sft_data, sft_items  # noqa: E402
@@ -182,10 +182,11 @@ def main(cfg: Config) -> dict | None:
     keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=features, eval_dataset=eval_features or None,
                                    data_collator=collator, processing_class=tokenizer,
-                                   callbacks=[CheckpointValidator(), preempted])
+                                   callbacks=[CheckpointValidator(), preempted, NonFiniteGuard()])
     # eval_loss: token-weighted NLL of the whole eval set over all ranks (common.evaluation.heldout_loss)
     before = trainer.evaluate()["eval_loss"] if eval_features and not guard else None
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with explain_disk_full(output_dir, trainer):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     if preempted.received:
         log.warning("stopped by a signal at step %d; checkpoint saved; rerun to resume (exit code %d)",
                     trainer.state.global_step, REQUEUE_EXIT_CODE)
@@ -239,7 +240,7 @@ if __name__ == "__main__":
     try:
         main(config)
         code = 0
-    except (checks.CheckFailed, DataError, OutputDirError) as e:
+    except (checks.CheckFailed, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
     except SystemExit as e:  # exit_for_requeue (75)
         code = e.code if isinstance(e.code, int) else 1
