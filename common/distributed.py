@@ -7,6 +7,11 @@ Each check fails before the model loads (or right after, for placement) with the
 - a (quantized) model placed on a device other than its rank's, or spread over several devices
   by `device_map="auto"` (naive model parallelism, which DDP cannot wrap);
 - ranks that loaded different data (different files on different nodes).
+
+And the launcher's end: `python -m common.distributed [--report_as NAME] <torchrun arguments>` runs
+torchrun in this process and, when ranks fail, ends with ONE line naming the rank that failed first,
+its exit code, its error line and its log file, instead of torchrun's ChildFailedError traceback (and
+the other ranks' "Connection reset by peer", which only say that a peer died).
 """
 from __future__ import annotations
 
@@ -14,8 +19,11 @@ import hashlib
 import json
 import logging
 import os
+import re
+import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -180,3 +188,117 @@ def check_uniform_dtype(model) -> None:
         raise CheckFailed(f"parameters mix dtypes {sorted(dtypes)}; FSDP shards need one dtype per unit and fail with "
                           "'FSDP expects uniform original parameter dtype'. Load QLoRA with bnb_4bit_quant_storage equal "
                           "to the compute dtype and cast LoRA weights to it (common.distributed.cast_for_sharding)")
+
+
+# ---- the launcher's failure line -----------------------------------------------------------------
+REQUEUE_EXIT_CODE = 75  # common.checkpoints' "saved after a signal, rerun to resume": not a failure
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: ?)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Failed|Exit)\b.*)")
+
+
+@dataclass
+class RankFailure:
+    rank: int
+    local_rank: int
+    exitcode: int
+    log_file: Path | None  # the rank's stderr.log from torchrun --log_dir/--redirects
+
+
+def _rank_log_dir(run_dir: Path | None, local_rank: int) -> Path | None:
+    if run_dir is None:
+        return None
+    attempts = sorted(run_dir.glob("attempt_*"), key=lambda p: int(p.name.split("_")[1]))
+    return attempts[-1] / str(local_rank) if attempts else None
+
+
+def _last_write_ns(failure: RankFailure) -> int:
+    if failure.log_file is None:
+        return 0
+    files = [f for f in (failure.log_file, failure.log_file.with_name("stdout.log")) if f.is_file()]
+    return max((f.stat().st_mtime_ns for f in files), default=0)
+
+
+def _stopped_by_the_agent(failure: RankFailure) -> bool:
+    """torchrun SIGTERMs the ranks still running once one has failed; they exit -15, or 75 after saving."""
+    return failure.exitcode in (-signal.SIGTERM, REQUEUE_EXIT_CODE)
+
+
+def first_failure(failures: list[RankFailure]) -> RankFailure:
+    """The rank whose failure came first. Not one torchrun stopped because another had failed. Ranks a
+    dead peer takes down ("Connection reset by peer") write their traceback after the first one died, so
+    among the rest the rank whose log was written last earliest is the root cause; a rank killed by a
+    signal (kill -9, the OOM killer) writes nothing when it dies, so it sorts first too."""
+    return min(failures, key=lambda f: (_stopped_by_the_agent(f), _last_write_ns(f), f.rank))
+
+
+def _error_line(failure: RankFailure) -> str:
+    """What went wrong, in the rank's own words: its last `error:` line, else its last exception line."""
+    if failure.exitcode < 0:
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        why = " (kill -9, or the kernel's out-of-memory killer: see dmesg)" if name == "SIGKILL" else ""
+        return f"killed by {name}{why}"
+    lines = []
+    if failure.log_file is not None and failure.log_file.is_file():
+        lines = failure.log_file.read_text(errors="replace").splitlines()
+    for line in reversed(lines):
+        text = re.sub(r"^\[rank\d+\]: ?", "", line).strip()
+        if text.startswith("error:"):
+            return text
+    for line in reversed(lines):
+        m = _EXCEPTION_LINE.match(line.strip())
+        if m:
+            return m.group(1)
+    return "no error message in its log"
+
+
+def failure_line(failures: list[RankFailure], name: str) -> str:
+    """`<name>: rank 1 failed first (exit 1): error: ...; full log: <its stderr.log>`."""
+    first = first_failure(failures)
+    what = f"({_error_line(first)})" if first.exitcode < 0 else f"(exit {first.exitcode}): {_error_line(first)}"
+    others = sum(1 for f in failures if f is not first and not _stopped_by_the_agent(f))
+    after = f"; {others} other rank{'s' if others > 1 else ''} failed after it" if others else ""
+    log_text = f"; full log: {_display(first.log_file)}" if first.log_file else ""
+    return f"{name}: rank {first.rank} failed first {what}{after}{log_text}"
+
+
+def _display(path: Path) -> str:
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def launch(argv: list[str]) -> int:
+    """torchrun (torch.distributed.run) with `argv`; on a rank failure, print failure_line and return the
+    first failed rank's exit code (128 + N for signal N) instead of torchrun's traceback and exit 1."""
+    name = "torchrun"
+    if argv[:1] == ["--report_as"]:
+        name, argv = argv[1], argv[2:]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(argv)
+    log_root = Path(args.log_dir) if args.log_dir else None
+    before = set(log_root.iterdir()) if log_root and log_root.is_dir() else set()
+    try:
+        run(args)
+        return 0
+    except SignalException as e:  # SIGTERM/SIGINT to the launcher: ranks were told to checkpoint and stop
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        new = sorted(set(log_root.iterdir()) - before) if log_root and log_root.is_dir() else []
+        run_dir = new[-1] if len(new) == 1 else None
+        failures = []
+        for rank, f in e.failures.items():
+            rank_dir = _rank_log_dir(run_dir, f.local_rank)
+            failures.append(RankFailure(rank, f.local_rank, f.exitcode, rank_dir / "stderr.log" if rank_dir else None))
+        if all(f.exitcode == REQUEUE_EXIT_CODE for f in failures):
+            return REQUEUE_EXIT_CODE  # every rank saved and asked to be requeued: the launcher says so
+        print(failure_line(failures, name), file=sys.stderr, flush=True)
+        first = first_failure(failures)
+        return first.exitcode if 0 < first.exitcode < 256 else 128 - first.exitcode if first.exitcode < 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(launch(sys.argv[1:]))

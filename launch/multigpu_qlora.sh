@@ -12,7 +12,9 @@
 #
 # Caught before training (exit 1 with the fix): fewer GPUs visible than NPROC; a world size other than
 # NPROC x NNODES; ranks reading different data; a model spread by device_map="auto"; bf16 on hardware
-# without it. Exit code: non-zero if any rank fails (torchrun stops the others).
+# without it. When a rank fails, torchrun stops the others and the script ends with one line naming the
+# rank that failed first, its exit code (the script's own exit code), its error and its log file; each
+# rank's stdout.log/stderr.log are kept under LOG_DIR (default <output_dir>.logs/node<NODE_RANK>).
 # Preemption: SIGTERM/SIGINT to this script reaches every rank (via torchrun); they save a checkpoint
 # after the current step and the script exits 75 ("requeue": the SLURM template requeues on it; a
 # rerun resumes). SHUTDOWN_TIMEOUT (default 600 s) is how long torchrun waits for that save before
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
   echo
   echo "Recipe options (python recipes/sft_multigpu_qlora.py --help):"
   exec "$PY" recipes/sft_multigpu_qlora.py --help
@@ -49,8 +51,27 @@ if [[ "$DEVICE" == cpu ]]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
 
-cmd=("$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC" --node_rank "$NODE_RANK"
+# Per-rank logs: torchrun writes each rank's stdout/stderr to LOG_DIR and tees them here ([rankN]: prefix);
+# common.distributed runs torchrun and, if ranks fail, prints the one line naming the first.
+OUTPUT_DIR=""
+prev=""
+for arg in "$@"; do
+  [[ "$prev" == --output_dir || "$prev" == --output-dir ]] && OUTPUT_DIR=$arg
+  case "$arg" in --output_dir=*|--output-dir=*) OUTPUT_DIR=${arg#*=} ;; esac
+  prev=$arg
+done
+if [[ -z "$OUTPUT_DIR" && -f "$CONFIG" ]]; then
+  OUTPUT_DIR=$(sed -n 's/^output_dir:[[:space:]]*\([^#[:space:]]*\).*/\1/p' "$CONFIG" | tail -n 1)
+fi
+OUTPUT_DIR=${OUTPUT_DIR:-runs/sft_multigpu_qlora}
+LOG_DIR=${LOG_DIR:-${OUTPUT_DIR%/}.logs/node$NODE_RANK}
+export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}   # rank output reaches its log file (and this console) as printed
+export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE=${TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE:-'[rank${rank}]:'}
+
+cmd=("$PY" -m common.distributed --report_as multigpu_qlora.sh
+     --nnodes "$NNODES" --nproc_per_node "$NPROC" --node_rank "$NODE_RANK"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --shutdown_timeout "${SHUTDOWN_TIMEOUT:-600}"
+     --log_dir "$LOG_DIR" --redirects 3 --tee 3
      recipes/sft_multigpu_qlora.py --config "$CONFIG" --device "$DEVICE" --sharding "$SHARDING"
      --expected_world_size $(( NPROC * NNODES )) "$@")
 echo "+ ${cmd[*]}" >&2

@@ -39,7 +39,8 @@ from common.compare import RunSpec, fmt_loss, gib  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.run_files import now, write_json, write_manifest  # noqa: E402
 
-log = logging.getLogger("adapter_vs_full")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 
 WHAT = {"full": "full fine-tuning", "lora": "LoRA (peft)", "adapter": "bottleneck adapters (Houlsby)",
         "qlora": "QLoRA (LoRA on a 4-bit NF4 base)"}
@@ -47,7 +48,7 @@ WHAT = {"full": "full fine-tuning", "lora": "LoRA (peft)", "adapter": "bottlenec
 
 @dataclass
 class Config(compare.CompareConfig):
-    output_dir: str = field(default="runs/adapter_vs_full", metadata={"help": "table, loss.png, metrics.json, manifest.json, runs/<method>/"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "table, loss.png, metrics.json, manifest.json, runs/<method>/"})
     methods: list[str] = field(default_factory=lambda: ["full", "lora", "adapter", "qlora"], metadata={"help": "which methods to compare, in table order: full lora adapter qlora"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (every method)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 for every method (the model is loaded in it; QLoRA: compute dtype)"})
@@ -109,7 +110,7 @@ def main(cfg: Config) -> int:
     compare.plot_losses(rows, out / "loss.png", f"adapter_vs_full on {Path(first.get('model', '')).name}")
     failed = [r for r in rows if r["status"] == "failed"]
     write_json(out / "metrics.json", {
-        "recipe": "adapter_vs_full", "device": first.get("device"), "world_size": 1,
+        "recipe": RECIPE, "device": first.get("device"), "world_size": 1,
         "configurations": len(rows), "failed": [r["name"] for r in failed],
         "per_method": {r["name"]: {k: r.get(k) for k in (
             "status", "error", "trainable_params", "total_params", "wall_seconds", "train_seconds", "trained_tokens",

@@ -51,7 +51,8 @@ from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, load_records, to_messages  # noqa: E402
 from common.run_files import PeakMemory, device_name, now, write_json, write_manifest  # noqa: E402
 
-log = logging.getLogger("benchmark")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 REPO = Path(__file__).resolve().parent.parent
 CONTESTANTS = ("recipe", "recipe_qlora", "trl_baseline", "trl_baseline_qlora")
 
@@ -70,7 +71,7 @@ class Config:
     eval_dataset_path: str | None = field(default=None, metadata={"help": "held-out chat file; default: data/persona/heldout.jsonl + data/eval/general.jsonl (keywords dropped)"})
     num_examples: int = field(default=128, metadata={"help": "examples built (multi-turn chains of real conversations, variable length)"})
     max_conversations_per_example: int = field(default=12, metadata={"help": "longest chain of conversations in one built example"})
-    output_dir: str = field(default="runs/benchmark", metadata={"help": "benchmark.json, benchmark.md, one folder per contestant"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "benchmark.json, benchmark.md, one folder per contestant"})
     contestants: list[str] = field(default_factory=lambda: ["recipe", "trl_baseline"], metadata={"help": "recipe | recipe_qlora | trl_baseline | trl_baseline_qlora"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (built examples never exceed it, so nothing is truncated)"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "micro-batch (TRL's default is 8)"})

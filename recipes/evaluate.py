@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
+import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
@@ -54,7 +55,8 @@ from common.evaluation import (generate_batched, keyword_accuracy, normalize_ans
 from common.models import DTYPES, resolve_precision  # noqa: E402
 from common.run_files import PeakMemory, device_name, now, write_json, write_manifest  # noqa: E402
 
-log = logging.getLogger("evaluate")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Config:
     domain_dataset_path: str | None = field(default="data/persona/heldout.jsonl", metadata={"help": "the fine-tuning domain's held-out set (chat, instruction or completion; `keywords` optional)"})
     general_dataset_path: str | None = field(default="data/eval/general.jsonl", metadata={"help": "general-knowledge set for the forgetting check"})
     classification_dataset_path: str | None = field(default=None, metadata={"help": "text,label data (e.g. data/samples/classification.csv): accuracy by generating a label"})
-    output_dir: str = field(default="runs/evaluate", metadata={"help": "run directory: metrics.json, results.md, generations.json, manifest.json, loss.png"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "run directory: metrics.json, results.md, generations.json, manifest.json, loss.png"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     precision: str = field(default="fp32", metadata={"help": "auto | bf16 | fp16 | fp32: dtype the models are loaded in"})
     max_new_tokens: int = field(default=48, metadata={"help": "generation length for replies"})
@@ -308,7 +310,7 @@ def main(cfg: Config) -> dict:
     write_json(output_dir / "generations.json", generations)
     plot_set_losses(output_dir / "loss.png", results, baseline)
     metrics = {
-        "recipe": "evaluate", "model": described, "baseline": baseline_described, "device": device_name(device),
+        "recipe": RECIPE, "model": described, "baseline": baseline_described, "device": device_name(device),
         "device_type": device.type, "world_size": 1, "precision": precision,
         "datasets": sets, "results": results, "baseline_results": baseline,
         "deltas": deltas(results, baseline) if baseline else None,

@@ -30,11 +30,14 @@ from common.data import load_dataset_file, to_messages  # noqa: E402
 from common.run_files import write_json  # noqa: E402
 
 
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+
+
 @dataclass
 class Config:
     model_name_or_path: str = field(default="asset:tiny", metadata={"help": "hub id, local dir, or asset:*"})
     dataset_path: str = field(default="data/persona/train.jsonl", metadata={"help": "chat/instruction/completion data"})
-    output_dir: str = field(default="runs/fsdp2_lora", metadata={"help": "where rank 0 writes metrics.json"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "where rank 0 writes metrics.json"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
     expected_world_size: int = field(default=0, metadata={"help": "processes the job asked for; 0 = do not check"})
     max_steps: int = field(default=8, metadata={"help": "optimizer steps"})

@@ -47,12 +47,13 @@ from common.compare import RunSpec, fmt_loss, gib  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.run_files import now, write_json, write_manifest  # noqa: E402
 
-log = logging.getLogger("memory_ladder")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 
 
 @dataclass
 class Config(compare.CompareConfig):
-    output_dir: str = field(default="runs/memory_ladder", metadata={"help": "table, loss.png, metrics.json, manifest.json, runs/<rung>/"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "table, loss.png, metrics.json, manifest.json, runs/<rung>/"})
     rungs: list[str] = field(default_factory=lambda: ["all"], metadata={"help": "rungs to run, in ladder order, or all"})
     full_learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate, full fine-tuning rungs"})
     lora_learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate, LoRA and QLoRA rungs"})
@@ -138,7 +139,7 @@ def main(cfg: Config) -> int:
     compare.plot_losses(rows, out / "loss.png", f"memory_ladder on {Path(first.get('model', '')).name}")
     failed = [r for r in rows if r["status"] == "failed"]
     write_json(out / "metrics.json", {
-        "recipe": "memory_ladder", "device": first.get("device"), "world_size": 1, "rungs": len(rows),
+        "recipe": RECIPE, "device": first.get("device"), "world_size": 1, "rungs": len(rows),
         "failed": [r["name"] for r in failed], "skipped": [r["name"] for r in rows if r["status"] == "skipped"],
         "per_rung": {r["name"]: {k: r.get(k) for k in (
             "status", "error", "note", "trainable_params", "total_params", "wall_seconds", "train_seconds",

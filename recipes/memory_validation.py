@@ -1,16 +1,20 @@
 """Memory planner validation: predicted vs measured peak memory over real training runs.
 
-What it is for: checking `common.memory` (the planner) against what the training recipe actually
-uses on this machine. Each configuration runs `launch/memory_diet.sh` (recipes/sft_memory_diet.py)
-as a subprocess for a few optimizer steps on sequences that are all exactly `seq` tokens long, reads
-`peak_memory_bytes` from its metrics.json, and compares it with the planner's `peak_bytes` for the
-same settings. Peak memory is what the recipe measures: on CUDA torch.cuda.max_memory_allocated, on
+What it is for: checking `common.memory` (the planner) against what the training recipes actually
+use on this machine. Each LoRA/QLoRA configuration runs `launch/memory_diet.sh` (recipes/sft_memory_diet.py),
+each full fine-tuning one (method=full) `launch/adapter_vs_full.sh --methods full` (common/compare.py,
+the repo's full fine-tuning path: the model loaded in `precision`, so bf16 is pure bf16), as a subprocess
+for a few optimizer steps on sequences that are all exactly `seq` tokens long; it reads
+`peak_memory_bytes` from the run's metrics.json and compares it with the planner's `peak_bytes` for the
+same settings (LoRA rank, dropout and alpha as the recipe's YAML has them, as the runs use them). Peak memory is what the recipe measures: on CUDA torch.cuda.max_memory_allocated, on
 CPU the process's peak resident set size (VmHWM), which includes the Python interpreter, libraries
 and data; the planner models that part as a measured constant baseline (memory.CPU_BASELINE_BYTES).
 
 Run:
     python recipes/memory_validation.py --config recipes/configs/memory_validation.yaml
     python recipes/memory_validation.py --config recipes/configs/memory_validation.yaml --only lora_b4_s256 qlora_b4_s256
+    python recipes/memory_validation.py --output_dir runs/lora_vs_full \
+        --configurations "name=lora_b2_s512 method=lora batch=2 seq=512" "name=full_b2_s512 method=full batch=2 seq=512"
 
 Writes to --output_dir: memory_validation.json and .md (the table: predicted, measured, error %),
 predicted_vs_measured.png, metrics.json (summary), manifest.json, and runs/<name>/ (each recipe run).
@@ -39,16 +43,17 @@ from common.assets import resolve_model_path  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.run_files import now, write_json, write_manifest  # noqa: E402
 
-log = logging.getLogger("memory_validation")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 REPO = Path(__file__).resolve().parent.parent
 SPEC_KEYS = {"name", "model", "method", "batch", "seq", "ckpt", "optim", "precision", "targets", "r", "mmap_threshold"}
 
 
 @dataclass
 class Config:
-    output_dir: str = field(default="runs/memory_validation", metadata={"help": "where the table, the JSON and each run's folder go"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "where the table, the JSON and each run's folder go"})
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "model for configurations that name none (local dir or asset:tiny / asset:smollm2)"})
-    configurations: list[str] = field(default_factory=lambda: ["name=lora_b4_s256 method=lora batch=4 seq=256"], metadata={"help": "one spec per configuration: name=... [model=] method=lora|qlora batch=N seq=N [ckpt=true] [optim=] [precision=bf16|fp32] [targets=all-linear|q_proj,v_proj] [r=16] [mmap_threshold=BYTES: run with MALLOC_MMAP_THRESHOLD_]"})
+    configurations: list[str] = field(default_factory=lambda: ["name=lora_b4_s256 method=lora batch=4 seq=256"], metadata={"help": "one spec per configuration: name=... [model=] method=lora|qlora|full batch=N seq=N [ckpt=true] [optim=] [precision=bf16|fp32] [targets=all-linear|q_proj,v_proj] [r=16] [mmap_threshold=BYTES: run with MALLOC_MMAP_THRESHOLD_]"})
     only: list[str] = field(default_factory=list, metadata={"help": "run only these configuration names"})
     max_steps: int = field(default=2, metadata={"help": "optimizer steps per run (the peak is reached in the first two)"})
     timeout: int = field(default=1800, metadata={"help": "seconds before a run is abandoned"})
@@ -84,6 +89,13 @@ def write_long_conversations(path: Path, count: int, seed: int) -> None:
 
 
 def recipe_command(spec: dict, model: str, run_dir: Path, data: Path, cfg: Config) -> list[str]:
+    if spec["method"] == "full":  # the repo's full fine-tuning path (common/compare.py); metrics in runs/full/
+        return ["bash", "launch/adapter_vs_full.sh", "--methods", "full", "--model_name_or_path", model,
+                "--output_dir", str(run_dir), "--dataset_path", str(data), "--eval_dataset_path", "",
+                "--eval_before", "false", "--max_steps", str(cfg.max_steps),
+                "--per_device_train_batch_size", spec["batch"], "--gradient_accumulation_steps", "1",
+                "--max_length", spec["seq"], "--gradient_checkpointing", spec["ckpt"], "--optim", spec["optim"],
+                "--precision", spec["precision"], "--seed", str(cfg.seed)]
     targets = ["all-linear"] if spec["targets"] == "all-linear" else spec["targets"].split(",")
     return ["bash", "launch/memory_diet.sh", "--model_name_or_path", model, "--output_dir", str(run_dir),
             "--dataset_path", str(data), "--eval_dataset_path", "", "--method", spec["method"],
@@ -94,28 +106,52 @@ def recipe_command(spec: dict, model: str, run_dir: Path, data: Path, cfg: Confi
             "--save_steps", "100000", "--logging_steps", "1", "--sample_generations", "0", "--seed", str(cfg.seed)]
 
 
-def predict(spec: dict, model_dir: str, device: str) -> dict:
+def metrics_path(spec: dict, run_dir: Path) -> Path:
+    return run_dir / "runs" / "full" / "metrics.json" if spec["method"] == "full" else run_dir / "metrics.json"
+
+
+def labelled_fraction(model_dir: str, data: Path, seq: int, count: int) -> float:
+    """Share of the first `count` training sequences' positions whose next token is labelled: where both recipes
+    run the LM head (common.trainer.labelled_logits_inputs). Tokenized as the recipes tokenize."""
+    from transformers import AutoTokenizer
+
+    from common.collator import tokenize_sft
+    from common.data import load_dataset_file, to_messages
+
+    records, fmt = load_dataset_file(str(data))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    features, _ = tokenize_sft([(f"{r.path}:{r.line}", to_messages(r.data, fmt), r.data) for r in records[:count]],
+                               tokenizer, seq)
+    return sum(sum(f["loss_mask"]) for f in features) / sum(len(f["input_ids"]) for f in features)
+
+
+def predict(spec: dict, model_dir: str, device: str, fraction: float = 1.0) -> dict:
+    """The planner for the run recipe_command starts: dropout from the recipe's YAML (memory.recipe_defaults);
+    common/compare.py runs its gradient check outside autocast, sft_memory_diet.py like a training step.
+    `fraction`: labelled positions, where both recipes' training steps run the LM head."""
     s = memory.Settings(method=spec["method"], lora_r=int(spec["r"]), lora_targets=spec["targets"],
-                        lora_dropout=0.05, seq_len=int(spec["seq"]), batch_size=int(spec["batch"]),
+                        seq_len=int(spec["seq"]), batch_size=int(spec["batch"]),
                         optim=spec["optim"], dtype=spec["precision"], grad_ckpt=spec["ckpt"] == "true", device=device,
-                        cpu_heap_retention=0.0 if spec.get("mmap_threshold") else -1.0)
+                        cpu_heap_retention=0.0 if spec.get("mmap_threshold") else -1.0,
+                        check_autocast=spec["method"] != "full", labelled_fraction=fraction)
     return memory.plan(model_dir, s)
 
 
 def table(rows: list[dict]) -> str:
     gib = 1024**3
-    lines = ["| configuration | model | method | batch x seq | ckpt | optim | precision | predicted GiB | measured GiB | error | "
-             "measured above baseline GiB | error above baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | model | method | batch x seq | ckpt | optim | precision | predicted GiB | predicted peak phase | "
+             "measured GiB | error | measured above baseline GiB | error above baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["spec"]
         if r.get("measured_bytes") is None:
             lines.append(f"| {s['name']} | {Path(r['model']).name} | {s['method']} | {s['batch']} x {s['seq']} | {s['ckpt']} | "
-                         f"{s['optim']} | {s['precision']} | {r['predicted_bytes'] / gib:.2f} | failed (rc {r.get('rc')}) | | | |")
+                         f"{s['optim']} | {s['precision']} | {r['predicted_bytes'] / gib:.2f} | {r['prediction']['peak_phase']} | "
+                         f"failed (rc {r.get('rc')}) | | | |")
             continue
         lines.append(
             f"| {s['name']} | {Path(r['model']).name} | {s['method']} | {s['batch']} x {s['seq']} | {s['ckpt']} | {s['optim']} | "
-            f"{s['precision']} | {r['predicted_bytes'] / gib:.2f} | {r['measured_bytes'] / gib:.2f} | "
+            f"{s['precision']} | {r['predicted_bytes'] / gib:.2f} | {r['prediction']['peak_phase']} | {r['measured_bytes'] / gib:.2f} | "
             f"{r['error_percent']:+.1f}% | {r['measured_above_baseline'] / gib:.2f} | {r['error_above_baseline_percent']:+.1f}% |")
     ok = [r for r in rows if r.get("error_percent") is not None]
     if ok:
@@ -175,9 +211,10 @@ def main(cfg: Config) -> dict:
         model = resolve_model_path(spec.get("model", cfg.model_name_or_path))
         run_dir = out / "runs" / spec["name"]
         row = {"spec": spec, "model": model, "device": device}
-        prediction = predict(spec, model, device)
-        row.update(predicted_bytes=prediction["peak_bytes"], prediction=prediction)
-        metrics_file = run_dir / "metrics.json"
+        fraction = labelled_fraction(model, data, int(spec["seq"]), int(spec["batch"]) * (cfg.max_steps + 1))
+        prediction = predict(spec, model, device, fraction)
+        row.update(predicted_bytes=prediction["peak_bytes"], prediction=prediction, labelled_fraction=round(fraction, 4))
+        metrics_file = metrics_path(spec, run_dir)
         if not metrics_file.is_file():
             cmd = recipe_command(spec, model, run_dir, data, cfg)
             log.info("%s: %s", spec["name"], " ".join(c if c else '""' for c in cmd))
@@ -213,7 +250,8 @@ def main(cfg: Config) -> dict:
         if not row["full_length_sequences"]:
             log.warning("%s: trained %s tokens, expected %d: not every sequence was %s tokens long",
                         spec["name"], m.get("trained_tokens"), expected_tokens, spec["seq"])
-        log.info("%s: predicted %.2f GiB, measured %.2f GiB (%+.1f%%)", spec["name"], prediction["peak_bytes"] / 1024**3,
+        log.info("%s: predicted %.2f GiB (peak: %s), measured %.2f GiB (%+.1f%%)", spec["name"],
+                 prediction["peak_bytes"] / 1024**3, prediction["peak_phase_description"],
                  m["peak_memory_bytes"] / 1024**3, row["error_percent"])
         rows.append(row)
 
@@ -226,7 +264,7 @@ def main(cfg: Config) -> dict:
     write_json(out / "memory_validation.json", {"device": device, "rows": rows})
     plot(rows, out / "predicted_vs_measured.png")
     ok = [r for r in rows if r.get("error_percent") is not None]
-    summary = {"recipe": "memory_validation", "device": device, "configurations": len(rows), "measured": len(ok),
+    summary = {"recipe": RECIPE, "device": device, "configurations": len(rows), "measured": len(ok),
                "mean_abs_error_percent": round(sum(abs(r["error_percent"]) for r in ok) / len(ok), 2) if ok else None,
                "max_abs_error_percent": max((abs(r["error_percent"]) for r in ok), default=None),
                "within_10_percent": sum(abs(r["error_percent"]) <= 10 for r in ok)}

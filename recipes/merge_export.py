@@ -5,10 +5,14 @@ people deploy, and prove each export computes what the adapter computes:
   merged/           a plain Hugging Face folder (config.json, model.safetensors, tokenizer, chat template,
                     generation_config.json that stops at the chat template's end-of-turn token). Loads with
                     AutoModelForCausalLM; `vllm serve runs/merge_export/merged` and TGI `--model-id` take it as is.
-  model-<type>.gguf --gguf_type f32|f16|bf16|q8_0, for llama.cpp / Ollama. Llama architecture only
-                    (LlamaForCausalLM: SmolLM/SmolLM2, Llama 3.x without rope scaling, TinyLlama-shaped models)
-                    with a byte-level BPE tokenizer (GPT-2 or Llama-3 pre-tokenizer). Anything else is refused
-                    before any work; convert the merged/ folder with llama.cpp's convert_hf_to_gguf.py instead.
+  model-<type>.gguf for llama.cpp / Ollama, with the export extra (bash launch/setup_export.sh): llama.cpp's own
+                    convert_hf_to_gguf.py turns merged/ into model-f16.gguf (--gguf_type f32|f16|bf16|q8_0; every
+                    architecture and tokenizer llama.cpp knows), its quantizer (llama_model_quantize) makes
+                    model-q8_0.gguf and model-q4_k_m.gguf (--gguf_quantizations, k-quants included). Each file is
+                    loaded in llama.cpp: token ids, logits against the adapter model, and greedy chat answers with
+                    the template embedded in the GGUF against the merged HF model's (f32/f16/bf16/q8_0 must answer
+                    identically; k-quants are reported) -> gguf_check.json. Modelfile: Ollama, ChatML TEMPLATE,
+                    stop tokens. Without the extra, --gguf_type auto skips this with one log line.
   adapter/          the adapter alone (PEFT), for multi-adapter serving (vLLM --enable-lora --lora-modules
                     name=DIR; TGI LORA_ADAPTERS) on the unmerged base.
 
@@ -19,10 +23,10 @@ and re-quantize, losing most of the update with only a warning. A 4-bit base is 
 merged model also differs from the model as trained (NF4 base + adapter) by the base's quantization
 error; metrics.json records that gap (max_abs_logit_diff_vs_4bit_trained) for information.
 
-Verification, in a fresh process with plain AutoModelForCausalLM / AutoTokenizer (GGUF: transformers'
-GGUF loader, gguf_file=...): the exported tokenizer must give the same ids, and max |logit difference|
-against the adapter model (fp32, unmerged) on --num_samples conversations must stay within tolerance,
-else the run exits 1. Figures go to metrics.json.
+Verification of merged/, in a fresh process with plain AutoModelForCausalLM / AutoTokenizer: the exported
+tokenizer must give the same ids, and max |logit difference| against the adapter model (fp32, unmerged) on
+--num_samples conversations must stay within tolerance, else the run exits 1 (files kept). Figures go to
+metrics.json (and gguf_check.json for the GGUF files).
 
 Run:
     bash launch/merge_export.sh --adapter_path runs/sft_memory_diet/adapter
@@ -32,8 +36,12 @@ Measured here (SmolLM2-135M-Instruct quickstart adapter, 2-core CPU): see README
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
+import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed  # noqa: E402
@@ -53,37 +62,40 @@ from common.assets import resolve_model_path  # noqa: E402
 from common.checkpoints import OutputDirError, prepare_output_dir  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
-from common.evaluation import end_of_turn_token_id  # noqa: E402
+from common.evaluation import end_of_turn_token_id, generate_batched  # noqa: E402
 from common.run_files import PeakMemory, device_name, file_sha256, now, write_json, write_manifest  # noqa: E402
 
-log = logging.getLogger("merge_export")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |logit diff| allowed against the fp32 adapter model. fp32: merge reassociation only (measured ~1e-5);
 # bf16/fp16: weight rounding plus bf16/fp16 compute in the fresh process (measured on SmolLM2, see README).
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 0.5, "bf16": 2.0}
-GGUF_TOLERANCE = {"f32": 1e-3, "f16": 0.5, "bf16": 2.0, "q8_0": 2.0}
 
 
 @dataclass
 class Config:
     adapter_path: str = field(default="runs/sft_memory_diet/adapter", metadata={"help": "PEFT LoRA adapter folder (what sft_memory_diet.py writes to <output_dir>/adapter)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "unquantized base model (local dir or asset:...); default: the adapter's base_model_name_or_path"})
-    output_dir: str = field(default="runs/merge_export", metadata={"help": "run directory: merged/, model-<type>.gguf, adapter/, metrics.json, manifest.json, loss.png"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "run directory: merged/, model-<type>.gguf, adapter/, metrics.json, manifest.json, loss.png"})
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16: dtype of the merged weights (auto: the base checkpoint's dtype). The merge itself is always fp32"})
     trained_on_4bit: str = field(default="auto", metadata={"help": "auto | true | false: was the adapter trained on a 4-bit (QLoRA) base? auto reads the run's manifest.json next to the adapter, then the adapter's model card"})
-    gguf_type: str = field(default="none", metadata={"help": "none | f32 | f16 | bf16 | q8_0: also write model-<type>.gguf for llama.cpp/Ollama (Llama architecture, byte-level BPE tokenizer)"})
+    gguf_type: str = field(default="auto", metadata={"help": "auto | none | one or more (comma list) of f32, f16, bf16, q8_0: model-<type>.gguf from merged/ by llama.cpp's convert_hf_to_gguf.py (needs the export extra: bash launch/setup_export.sh). auto: f16 when the extra is installed, else skipped with one log line; an explicit type without the extra is an error"})
+    gguf_quantizations: str = field(default="q8_0,q4_k_m", metadata={"help": "comma list made from the first --gguf_type file by llama.cpp's quantizer (llama_model_quantize): q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q4_0, q3_k_m, q2_k; empty for none"})
+    gguf_questions: int = field(default=24, metadata={"help": "questions (user turns of --sample_dataset_path) answered greedily by llama.cpp and by the merged HF model; f32/f16/bf16/q8_0 must answer identically"})
+    gguf_max_tokens: int = field(default=48, metadata={"help": "max new tokens per answer in that comparison"})
+    llama_cpp_dir: str = field(default=".cache/llama.cpp", metadata={"help": "where launch/setup_export.sh put llama.cpp's convert_hf_to_gguf.py (relative to the repository)"})
     copy_adapter: bool = field(default=True, metadata={"help": "copy the adapter alone to <output_dir>/adapter for multi-adapter serving"})
     sample_dataset_path: str = field(default="data/persona/heldout.jsonl", metadata={"help": "chat/instruction data whose conversations are the verification inputs"})
     num_samples: int = field(default=8, metadata={"help": "conversations used to compare logits"})
     max_logit_diff: float | None = field(default=None, metadata={"help": "tolerance on max |logit diff| merged vs adapter (default by dtype: fp32 1e-3, fp16 0.5, bf16 2.0)"})
-    gguf_max_logit_diff: float | None = field(default=None, metadata={"help": "tolerance for the GGUF (default by type: f32 1e-3, f16 0.5, bf16 2.0, q8_0 2.0)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda: where the fp32 merge runs (fp32 needs 4 bytes per parameter)"})
     seed: int = field(default=42, metadata={"help": "random seed"})
 
 
 # ---------------------------------------------------------------------------------------------
-# Refusals: what must never be merged, and what the GGUF writer cannot export
+# Refusals: what must never be merged
 # ---------------------------------------------------------------------------------------------
 def quantized_layers(model) -> list[str]:
     """Names of bitsandbytes 4-/8-bit layers (the base layers inside LoRA wrappers included)."""
@@ -144,140 +156,160 @@ def detect_4bit_training(adapter_dir: Path, requested: str) -> tuple[bool, str]:
                   "pass --trained_on_4bit true for a QLoRA adapter)"
 
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
-
-
-def gguf_support(base_dir: Path, config) -> tuple[str | None, str]:
-    """(llama.cpp pre-tokenizer name, "") when this recipe can write a GGUF for the model, else (None, why)."""
-    if config.model_type != "llama" or config.architectures not in (None, ["LlamaForCausalLM"]):
-        return None, (f"architecture {config.architectures or config.model_type} is not supported by this GGUF writer "
-                      "(Llama only: LlamaForCausalLM)")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        return None, f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by this GGUF writer"
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        return None, "attention/MLP biases are not written by this GGUF writer"
-    tok_file = base_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        return None, f"{tok_file} is missing: only fast (tokenizer.json) byte-level BPE tokenizers are exported"
-    spec = json.loads(tok_file.read_text())
-    model, pre, norm = spec.get("model", {}), spec.get("pre_tokenizer") or {}, spec.get("normalizer")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or norm:
-        return None, ("the tokenizer is not byte-level BPE (a sentencepiece-style Llama 2 / TinyLlama / Mistral "
-                      "tokenizer): not exported by this GGUF writer")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2", ""
-    steps = pre.get("steps", []) if pre.get("type") == "Sequence" else []
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
-            and not steps[1].get("use_regex", True) and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT):
-        return "llama-bpe", ""
-    return None, f"pre-tokenizer {json.dumps(pre)[:120]} is neither GPT-2's nor Llama 3's byte-level split"
-
-
 # ---------------------------------------------------------------------------------------------
-# GGUF writer (llama.cpp's tensor names and metadata for the llama architecture)
+# GGUF: llama.cpp's own converter and quantizer (the export extra), checked in llama.cpp itself
 # ---------------------------------------------------------------------------------------------
-def permute_for_gguf(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF stores q/k rows for rotate-half RoPE; llama.cpp expects interleaved pairs (its convert script's
-    `permute`; transformers' GGUF loader applies the inverse)."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SETUP_EXPORT = "bash launch/setup_export.sh"
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes (--outtype)
+# what llama_model_quantize makes from that file (llama.cpp's ftype names, lower case)
+QUANT_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+                "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+                "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+                "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+                "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+# Types whose greedy llama.cpp answers must equal the merged HF model's (measured: SmolLM2-135M quickstart
+# adapter, 24/24 for f16, bf16 and q8_0). k-quants and 4-bit types change answers: their match rate is reported.
+EXACT_TYPES = {"f32", "f16", "bf16", "q8_0"}
 
 
-def write_gguf(path: Path, state_dict: dict, config, tokenizer, pre: str, gguf_type: str, stop_ids: list[int],
-               name: str) -> None:
+def export_extra_missing(llama_cpp_dir: Path) -> str | None:
+    """None when the export extra is installed (llama_cpp imports and the converter is in llama_cpp_dir),
+    else what is missing."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    if not (llama_cpp_dir / "convert_hf_to_gguf.py").is_file():
+        return f"llama.cpp's converter is not in {llama_cpp_dir}"
+    return None
+
+
+def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, llama_cpp_dir: Path) -> dict:
+    """llama.cpp's convert_hf_to_gguf.py on a merged HF folder, in a subprocess on this interpreter."""
+    start = time.time()
+    cmd = [sys.executable, str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file),
+           "--outtype", outtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        out_file.unlink(missing_ok=True)
+        text = proc.stderr + proc.stdout
+        chkhsh = re.search(r"chkhsh:\s+([0-9a-f]{64})", text)
+        if "BPE pre-tokenizer was not recognized" in text:
+            raise checks.CheckFailed(
+                f"llama.cpp's converter does not know this tokenizer's pre-tokenizer (chkhsh {chkhsh and chkhsh[1]}): "
+                "llama.cpp identifies byte-level BPE tokenizers by hashing how they split a fixed text and refuses "
+                "unknown ones. Tokenizers of released models (SmolLM2, Llama 3, Qwen2, GPT-2, ...) are known; a "
+                "tokenizer trained from scratch is not. Use --gguf_type none, or export a model with a released "
+                "tokenizer")
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        raise checks.CheckFailed(f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}): "
+                                 f"{lines[-1] if lines else 'no output'}. Command: {' '.join(cmd)}")
+    return {"convert_seconds": round(time.time() - start, 2)}
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str) -> dict:
+    """llama.cpp's quantizer (llama_model_quantize) from an f32/f16/bf16 GGUF to `qtype`."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype])
+    params.nthread = max(1, os.cpu_count() or 1)
+    start = time.time()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        dst.unlink(missing_ok=True)
+        raise checks.CheckFailed(f"llama.cpp's quantizer returned {rc} for {src} -> {qtype}")
+    return {"quantize_seconds": round(time.time() - start, 2)}
+
+
+def gguf_metadata(path: Path) -> dict:
     import gguf
-    import numpy as np
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = dict(spec["model"]["vocab"])
-    added = {t["content"]: t for t in spec.get("added_tokens", [])}
-    for t in added.values():
-        vocab[t["content"]] = t["id"]
-    if len(vocab) > config.vocab_size or max(vocab.values()) >= config.vocab_size:
-        raise checks.CheckFailed(f"tokenizer has {len(vocab)} tokens but the model's vocab_size is {config.vocab_size}")
-    tokens = [f"[PAD{i}]" for i in range(config.vocab_size)]
-    types = [gguf.TokenType.UNUSED] * config.vocab_size
-    for token, i in vocab.items():
-        tokens[i] = token
-        a = added.get(token)
-        types[i] = gguf.TokenType.NORMAL if a is None else (gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    reader = gguf.GGUFReader(path)
+    get = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    return {"architecture": get("general.architecture"), "tokenizer_model": get("tokenizer.ggml.model"),
+            "tokenizer_pre": get("tokenizer.ggml.pre"), "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+            "has_chat_template": bool(get("tokenizer.chat_template"))}
 
-    arch = gguf.MODEL_ARCH.LLAMA
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_vocab_size(config.vocab_size)
-    w.add_file_type(file_types[gguf_type])
-    if gguf_type == "q8_0":
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    # tokenizer: llama.cpp's "gpt2" (byte-level BPE) vocabulary, as its convert script writes it
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    probe = tokenizer("a")["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        w.add_bos_token_id(tokenizer.bos_token_id)
-    w.add_eos_token_id(stop_ids[0])
-    if len(stop_ids) > 1 or tokenizer.eos_token_id != stop_ids[0]:
-        w.add_eot_token_id(stop_ids[0])
-    if tokenizer.unk_token_id is not None:
-        w.add_unk_token_id(tokenizer.unk_token_id)
-    w.add_pad_token_id(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0])
-    w.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    w.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
 
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    for hf_name, tensor in state_dict.items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # no output.weight: llama.cpp (and transformers' loader) tie it to token_embd
-        data = tensor.detach().to(torch.float32)
-        if hf_name.endswith("self_attn.q_proj.weight"):
-            data = permute_for_gguf(data, heads)
-        elif hf_name.endswith("self_attn.k_proj.weight"):
-            data = permute_for_gguf(data, kv_heads)
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise checks.CheckFailed(f"no llama.cpp tensor name for {hf_name}; this GGUF writer handles Llama only")
-        if data.ndim == 1 or gguf_type == "f32":  # norms stay f32, as llama.cpp writes them
-            w.add_tensor(gguf_name, data.numpy())
-        elif gguf_type == "f16":
-            w.add_tensor(gguf_name, data.to(torch.float16).numpy())
-        elif gguf_type == "bf16":
-            w.add_tensor(gguf_name, data.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
-                         raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:  # q8_0: blocks of 32 int8 values with an f16 scale
-            if data.shape[-1] % 32:
-                w.add_tensor(gguf_name, data.to(torch.float16).numpy())
-            else:
-                w.add_tensor(gguf_name, gguf.quants.quantize(data.numpy(), gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+def check_in_llama_cpp(path: Path, inputs: dict, reference: torch.Tensor, chats: list[list[dict]],
+                       hf_answers: list[str], max_tokens: int) -> dict:
+    """Load the GGUF in llama.cpp and compare it with the HF side: token ids of the verification texts
+    (llama.cpp's tokenizer), logits on those ids against the adapter model, and greedy chat answers
+    (llama.cpp applies the chat template embedded in the GGUF) against the merged HF model's."""
+    import llama_cpp
+
+    start = time.time()
+    n_ctx = max(max(map(len, inputs["ids"])) + 8, 512)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+    ids_match, diffs, top1, offset = True, [], [], 0
+    for text, ids in zip(inputs["texts"], inputs["ids"]):
+        ids_match &= llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        logits = torch.from_numpy(llm.scores[:len(ids)].copy())
+        ref = reference[offset:offset + len(ids)]
+        offset += len(ids)
+        diffs.append((logits - ref).abs())
+        top1.append((logits.argmax(-1) == ref.argmax(-1)).float())
+    diff, top1 = torch.cat(diffs), torch.cat(top1)
+    answers = []
+    for chat in chats:
+        llm.reset()
+        reply = llm.create_chat_completion(chat, temperature=0.0, max_tokens=max_tokens, seed=0)
+        answers.append(reply["choices"][0]["message"]["content"].strip())
+    matches = [a == b for a, b in zip(answers, hf_answers)]
+    del llm
+    return {"tokenizer_ids_match": ids_match, "max_abs_logit_diff": diff.max().item(),
+            "mean_abs_logit_diff": diff.mean().item(), "top1_agreement": round(top1.mean().item(), 6),
+            "answers_match_rate": round(sum(matches) / max(len(matches), 1), 4),
+            "answers": [{"question": c[-1]["content"], "hf": h, "llama_cpp": a, "match": m}
+                        for c, h, a, m in zip(chats, hf_answers, answers, matches)],
+            "llama_cpp_seconds": round(time.time() - start, 2)}
+
+
+def chatml_system_default(tokenizer) -> tuple[bool, str | None]:
+    """(is the chat template ChatML, the system prompt it adds when a conversation has none)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "U_PROBE"}], tokenize=False)
+    if not text.endswith("<|im_start|>user\nU_PROBE<|im_end|>\n"):
+        return False, None
+    head = text[:-len("<|im_start|>user\nU_PROBE<|im_end|>\n")]
+    found = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", head, re.S)
+    if head and not found:
+        return False, None
+    return True, found[1] if found else None
+
+
+OLLAMA_CHATML_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                          '{{ end }}<|im_start|>assistant\n')
+
+
+def render_ollama_chatml(messages: list[dict], system: str | None) -> str:
+    """What Ollama renders with OLLAMA_CHATML_TEMPLATE and SYSTEM `system` (Ollama prepends SYSTEM as a
+    system message when the request has none): checked against the HF chat template before it is written."""
+    if system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+def ollama_modelfile(gguf_name: str, tokenizer, stop_ids: list[int], chats: list[list[dict]],
+                     others: list[str]) -> tuple[str, bool]:
+    """An Ollama Modelfile for `gguf_name` (beside it): ChatML TEMPLATE in Go template syntax, SYSTEM for the
+    template's default system prompt, one stop PARAMETER per end-of-turn/EOS token. Returns (text, whether a
+    TEMPLATE was written). A template that is not ChatML, or that this TEMPLATE would not reproduce on the
+    verification chats, gets no TEMPLATE: Ollama then derives one from the GGUF's embedded chat template."""
+    is_chatml, system = chatml_system_default(tokenizer)
+    same = is_chatml and all(
+        render_ollama_chatml(c, system) == tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+        for c in chats)
+    stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_ids) + (["<|im_start|>"] if same else [])))
+    lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    lines += [f"# FROM ./{name}   (smaller; greedy answers may differ, see gguf_check.json)" for name in others]
+    if same:
+        lines += ['TEMPLATE """' + OLLAMA_CHATML_TEMPLATE + '"""']
+        if system is not None:
+            lines += ['SYSTEM """' + system + '"""']
+    lines += [f'PARAMETER stop "{t}"' for t in stops]
+    return "\n".join(lines) + "\n", same
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,15 +436,25 @@ def main(cfg: Config) -> dict:
         if cfg.dtype == "auto" else cfg.dtype
     if dtype_name not in DTYPES:
         raise checks.CheckFailed(f"--dtype {cfg.dtype!r}: choose auto, fp32, bf16 or fp16")
-    if cfg.gguf_type not in ("none", *GGUF_TOLERANCE):
-        raise checks.CheckFailed(f"--gguf_type {cfg.gguf_type!r}: choose none, f32, f16, bf16 or q8_0")
+    gguf_types = [t.strip().lower() for t in cfg.gguf_type.split(",") if t.strip()] or ["none"]
+    if gguf_types not in (["auto"], ["none"]) and not set(gguf_types) <= set(GGUF_TYPES):
+        raise checks.CheckFailed(f"--gguf_type {cfg.gguf_type!r}: choose auto, none, or one or more (comma-separated) "
+                                 f"of {', '.join(GGUF_TYPES)}")
+    quantizations = [q.strip().lower() for q in cfg.gguf_quantizations.split(",") if q.strip()]
+    unknown = [q for q in quantizations if q not in QUANT_FTYPES]
+    if unknown:
+        raise checks.CheckFailed(f"--gguf_quantizations: unknown type(s) {unknown}; choose from {', '.join(QUANT_FTYPES)}")
+    gguf_type = ",".join(gguf_types)
+    llama_cpp_dir = Path(cfg.llama_cpp_dir) if Path(cfg.llama_cpp_dir).is_absolute() else REPO_ROOT / cfg.llama_cpp_dir
+    missing = export_extra_missing(llama_cpp_dir) if gguf_type != "none" else None
+    if missing and gguf_type != "auto":
+        raise checks.CheckFailed(f"--gguf_type {gguf_type}: {missing}. Install the export extra with `{SETUP_EXPORT}` "
+                                 "(compiles llama.cpp: minutes), or pass --gguf_type none")
+    if missing:
+        log.info("GGUF export skipped: %s; install the export extra with `%s` to also write llama.cpp/Ollama "
+                 "GGUF files", missing, SETUP_EXPORT)
+    gguf_types = [] if missing or gguf_type == "none" else (["f16"] if gguf_type == "auto" else gguf_types)
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    pre = None
-    if cfg.gguf_type != "none":
-        pre, why = gguf_support(tok_source, base_config)
-        if pre is None:
-            raise checks.CheckFailed(f"--gguf_type {cfg.gguf_type}: {why}. Use --gguf_type none and convert "
-                                     f"{output_dir / 'merged'} with llama.cpp's convert_hf_to_gguf.py")
     trained_on_4bit, detected_from = detect_4bit_training(adapter_dir, cfg.trained_on_4bit)
     device = checks.resolve_device(cfg.device)
     records, fmt = load_dataset_file(cfg.sample_dataset_path)
@@ -420,8 +462,12 @@ def main(cfg: Config) -> dict:
     if cfg.num_samples < 1 or any(c is None for c in conversations):
         raise checks.CheckFailed(f"{cfg.sample_dataset_path}: need chat or instruction records for verification "
                                  f"(and --num_samples >= 1)")
+    chats = []  # the questions both llama.cpp and the merged HF model answer: each record without its last reply
+    for r in records[:cfg.gguf_questions] if gguf_types else []:
+        messages = to_messages(r.data, fmt)
+        if messages and messages[-1]["role"] == "assistant" and len(messages) > 1:
+            chats.append(messages[:-1])
     tolerance = cfg.max_logit_diff if cfg.max_logit_diff is not None else DEFAULT_TOLERANCE[dtype_name]
-    gguf_tolerance = cfg.gguf_max_logit_diff if cfg.gguf_max_logit_diff is not None else GGUF_TOLERANCE.get(cfg.gguf_type)
     prepare_output_dir(output_dir, asdict(cfg), resume=True)
     write_manifest(output_dir, cfg, [cfg.sample_dataset_path, str(adapter_dir)], started, "running")
     log.info("adapter %s on base %s; trained on a 4-bit base: %s (from %s); merged dtype %s", adapter_dir, base,
@@ -457,12 +503,6 @@ def main(cfg: Config) -> dict:
     for i in (end_of_turn_token_id(tokenizer), tokenizer.eos_token_id):
         if i is not None and i not in stop_ids:
             stop_ids.append(i)
-    gguf_path = None
-    if cfg.gguf_type != "none":
-        gguf_path = output_dir / f"model-{cfg.gguf_type}.gguf"
-        write_gguf(gguf_path, merged.state_dict(), merged.config, tokenizer, pre, cfg.gguf_type, stop_ids,
-                   f"{base_dir.name}-{Path(output_dir).name}")
-        log.info("wrote %s (%.1f MB, tokenizer pre-type %s)", gguf_path, gguf_path.stat().st_size / 1e6, pre)
     merged = merged.to(DTYPES[dtype_name])
     merged.config.use_cache = True
     merged_dir = output_dir / "merged"
@@ -476,17 +516,21 @@ def main(cfg: Config) -> dict:
         shutil.copytree(adapter_dir, adapter_copy, dirs_exist_ok=True)
 
     # ---- verify each export in a fresh process ---------------------------------------------------
-    targets, tolerances = [(merged_dir, None)], [tolerance]
-    if gguf_path:
-        targets.append((output_dir, gguf_path.name))
-        tolerances.append(gguf_tolerance)
     with tempfile.TemporaryDirectory(dir=output_dir) as work:
-        hf, *rest = verify_in_fresh_process(targets, inputs, reference, tolerances, Path(work))
-    gg = rest[0] if rest else None
+        (hf,) = verify_in_fresh_process([(merged_dir, None)], inputs, reference, [tolerance], Path(work))
     reference_loss = per_sample_loss(reference, inputs)
 
+    # ---- GGUF: converter -> quantizer -> each file checked in llama.cpp ------------------------------
+    gguf_failures, gg = [], None
+    if gguf_types:
+        try:
+            gg, gguf_failures = export_gguf(merged_dir, output_dir, gguf_types, quantizations, llama_cpp_dir, tokenizer,
+                                            stop_ids, inputs, reference, chats, cfg.gguf_max_tokens)
+        except checks.CheckFailed as e:
+            gguf_failures = [f"GGUF: {e}"]
+
     metrics = {
-        "recipe": "merge_export", "adapter_path": str(adapter_dir), "base_model": base, "device": device_name(device),
+        "recipe": RECIPE, "adapter_path": str(adapter_dir), "base_model": base, "device": device_name(device),
         "device_type": device.type, "world_size": 1,
         "trained_on_4bit": trained_on_4bit, "trained_on_4bit_detected_from": detected_from,
         "merge_dtype": "fp32", "export_dtype": dtype_name, "lora_layers_merged": lora_layers,
@@ -498,10 +542,9 @@ def main(cfg: Config) -> dict:
         "merged_vs_adapter": {k: v for k, v in hf.items() if k != "per_sample_loss"},
         "max_abs_logit_diff": hf["max_abs_logit_diff"], "tolerance": tolerance,
         **metrics_4bit,
-        "gguf": None if gg is None else {
-            "path": str(gguf_path), "type": cfg.gguf_type, "bytes": gguf_path.stat().st_size,
-            "sha256": file_sha256(gguf_path), "tokenizer_pre": pre, "architecture": "llama",
-            **{k: v for k, v in gg.items() if k != "per_sample_loss"}},
+        "gguf": None if gg is None else {k: v for k, v in gg["files"][0].items() if k != "answers"},
+        "gguf_files": None if gg is None else [{k: v for k, v in f.items() if k != "answers"} for f in gg["files"]],
+        "gguf_skipped": missing, "gguf_error": "; ".join(gguf_failures) or None,
         "wall_seconds": round(time.time() - wall_start, 2), **memory.report(),
     }
     failures = []
@@ -509,24 +552,75 @@ def main(cfg: Config) -> dict:
         failures.append(f"merged model: max |logit diff| {hf['max_abs_logit_diff']:.3g} > tolerance {tolerance:g}")
     if not hf["tokenizer_ids_match"]:
         failures.append("merged tokenizer gives different token ids than the adapter's tokenizer")
-    if gg and not gg["passed"]:
-        failures.append(f"GGUF: max |logit diff| {gg['max_abs_logit_diff']:.3g} > tolerance {gguf_tolerance:g}")
-    if gg and not gg["tokenizer_ids_match"]:
-        failures.append("GGUF tokenizer (read back by transformers) gives different token ids")
+    failures += gguf_failures
     metrics["verified"] = not failures
     series = {"adapter (fp32, unmerged)": reference_loss, f"merged/ ({dtype_name})": hf["per_sample_loss"]}
-    if gg:
-        series[f"GGUF {cfg.gguf_type}"] = gg["per_sample_loss"]
     plot_losses(output_dir / "loss.png", series, f"merge_export: {adapter_dir} on {base_dir.name}")
     write_json(output_dir / "metrics.json", metrics)
     write_manifest(output_dir, cfg, [cfg.sample_dataset_path, str(adapter_dir)], started,
                    "finished" if not failures else "failed")
     summary = {"max_abs_logit_diff": hf["max_abs_logit_diff"], "top1_agreement": hf["top1_agreement"],
-               "gguf_max_abs_logit_diff": gg["max_abs_logit_diff"] if gg else None, "verified": not failures}
+               "gguf_answers_match": {f["type"]: f["answers_match_rate"] for f in gg["files"]} if gg else None,
+               "verified": not failures}
     log.info("done: %s", json.dumps(summary))
     if failures:
         raise checks.CheckFailed("verification failed: " + "; ".join(failures) + f" (figures in {output_dir / 'metrics.json'})")
     return metrics
+
+
+def export_gguf(merged_dir: Path, output_dir: Path, gguf_types: list[str], quantizations: list[str], llama_cpp_dir: Path,
+                tokenizer, stop_ids: list[int], inputs: dict, reference: torch.Tensor, chats: list[list[dict]],
+                max_tokens: int) -> tuple[dict, list[str]]:
+    """model-<type>.gguf by llama.cpp's converter (the first type is the quantizer's source and the Modelfile's
+    FROM), model-<q>.gguf by its quantizer, each loaded in llama.cpp
+    and compared with the HF side; a Modelfile for Ollama; everything in <output_dir>/gguf_check.json.
+    Returns (that record, failures): the exact types must give the merged HF model's greedy answers."""
+    model = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    start = time.time()
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    hf_answers = [g.text for g in generate_batched(model, tokenizer, prompts, max_new_tokens=max_tokens,
+                                                   batch_size=1, stop_ids=stop_ids)]
+    hf_seconds = round(time.time() - start, 2)
+    del model
+    files, failures = [], []
+    made = []
+    for kind in gguf_types:
+        path = output_dir / f"model-{kind}.gguf"
+        made.append((kind, path, convert_to_gguf(merged_dir, path, kind, llama_cpp_dir)))
+        log.info("converted %s with llama.cpp's convert_hf_to_gguf.py (%.1f MB, %.1f s)", path,
+                 path.stat().st_size / 1e6, made[-1][2]["convert_seconds"])
+    base_file = made[0][1]
+    for q in quantizations:
+        if q in gguf_types:
+            continue
+        path = output_dir / f"model-{q}.gguf"
+        made.append((q, path, quantize_gguf(base_file, path, q)))
+        log.info("quantized %s (%.1f MB, %.1f s)", path, path.stat().st_size / 1e6, made[-1][2]["quantize_seconds"])
+    for kind, path, timing in made:
+        check = check_in_llama_cpp(path, inputs, reference, chats, hf_answers, max_tokens)
+        record = {"type": kind, "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+                  **gguf_metadata(path), **timing, "exact_type": kind in EXACT_TYPES, **check}
+        record["passed"] = bool(check["tokenizer_ids_match"] and (kind not in EXACT_TYPES or check["answers_match_rate"] == 1.0))
+        files.append(record)
+        log.info("llama.cpp on %s: %d/%d greedy answers equal to merged HF, top-1 agreement %.4f, max |logit diff| "
+                 "%.3g", path.name, sum(a["match"] for a in check["answers"]), len(chats), check["top1_agreement"],
+                 check["max_abs_logit_diff"])
+        if not check["tokenizer_ids_match"]:
+            failures.append(f"GGUF {path.name}: llama.cpp's tokenizer gives different token ids than the HF tokenizer")
+        if kind in EXACT_TYPES and check["answers_match_rate"] < 1.0:
+            failures.append(f"GGUF {path.name}: llama.cpp's greedy answers equal the merged HF model's on only "
+                            f"{check['answers_match_rate']:.0%} of {len(chats)} questions (expected all for {kind})")
+    modelfile, templated = ollama_modelfile(base_file.name, tokenizer, stop_ids, chats,
+                                            [p.name for _, p, _ in made[1:]])
+    (output_dir / "Modelfile").write_text(modelfile)
+    if not templated:
+        log.warning("Modelfile has no TEMPLATE (the chat template is not plain ChatML): Ollama derives one from the "
+                    "GGUF's embedded template; check `ollama show --template`")
+    record = {"hf_answers_seconds": hf_seconds, "questions": len(chats), "max_tokens": max_tokens,
+              "exact_types": sorted(EXACT_TYPES), "modelfile": str(output_dir / "Modelfile"),
+              "modelfile_template": templated, "files": files, "passed": not failures}
+    write_json(output_dir / "gguf_check.json", record)
+    return record, failures
 
 
 def export_generation_config(base_dir: Path, config, tokenizer, stop_ids: list[int]) -> GenerationConfig:

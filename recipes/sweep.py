@@ -63,7 +63,8 @@ import yaml  # noqa: E402
 
 from common.config import parse_config  # noqa: E402
 
-log = logging.getLogger("sweep")
+RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "sft_memory_diet.py"
 METRIC = "eval_loss_after"          # lower is better; the leaderboard's sort key
@@ -76,7 +77,7 @@ SHORT = {"learning_rate": "lr", "lora_r": "r", "lora_alpha": "alpha", "lora_drop
 
 @dataclass
 class Config:
-    output_dir: str = field(default="runs/sweep", metadata={"help": "sweep directory: leaderboard.*, metrics.json, manifest.json, trials/<id>/"})
+    output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "sweep directory: leaderboard.*, metrics.json, manifest.json, trials/<id>/"})
     base_config: str = field(default="recipes/configs/sft_memory_diet.yaml", metadata={"help": "the SFT recipe's YAML every trial starts from (trial_args and the swept values override it)"})
     search: str = field(default="grid", metadata={"help": "grid (every combination of the lists) | random (num_trials draws)"})
     space: dict = field(default_factory=dict, metadata={"help": "recipe option -> list of choices, {low, high, log[, num]} range, or a fixed value. CLI: key=YAML items, replacing the YAML space, e.g. --space learning_rate=[1.0e-4,3.0e-4] lora_r=[8,16] lora_alpha=2r"})
@@ -599,7 +600,7 @@ def main(cfg: Config) -> int:
                                           "trial_args": cfg.trial_args, "base_config": cfg.base_config, "trials": rows})
     best = next((r for r in rows if r["rank"] == 1), None)
     status = "stopped" if signals.received else "finished" if best else "failed"
-    metrics = {"recipe": "sweep", "search": cfg.search, "metric": METRIC, "trials": len(trials), **counts,
+    metrics = {"recipe": RECIPE, "search": cfg.search, "metric": METRIC, "trials": len(trials), **counts,
                "best_trial": best and {k: best[k] for k in ("trial", *keys, METRIC, "final_train_loss", "dir")},
                "wall_seconds": round(time.time() - wall_start, 2),
                "trial_seconds_this_run": round(sum(r["wall_seconds"] or 0 for r in rows if not r["reused"]

@@ -141,9 +141,17 @@ def test_stray_positional_argument_is_an_error(capsys):
     assert err.startswith("error: unknown option '64'")
 
 
-def test_bad_cli_value_exits_2(capsys):
-    err = fails(capsys, Small, ["--max_length", "long"])
-    assert "argument --max_length" in err and "invalid int value: 'long'" in err
+@pytest.mark.parametrize("argv, line", [
+    (["--max_length", "long"], "error: --max_length long: not an int"),
+    (["--learning_rate", "abc"], "error: --learning_rate abc: not a float"),
+    (["--learning-rate", "abc"], "error: --learning_rate abc: not a float"),
+    (["--flag", "maybe"], "error: --flag maybe: not a bool (true or false)"),
+    (["--lora_target_modules"], "error: --lora_target_modules: expected at least one argument; `--help` lists the "
+                                "valid options"),
+])
+def test_bad_cli_value_is_one_line_without_usage(capsys, argv, line):
+    """argparse would print the whole usage (38 lines for the SFT recipe) before the one useful line."""
+    assert fails(capsys, Small, argv) == line + "\n"
 
 
 # ---- wrong YAML types ------------------------------------------------------------------------------
@@ -197,7 +205,7 @@ def test_invalid_yaml_names_file_and_line(tmp_path, capsys, text, line, problem)
 
 def test_config_flag_without_value(capsys):
     err = fails(capsys, Small, ["--config"])
-    assert "argument --config: expected one argument" in err
+    assert err == "error: --config: expected one argument; `--help` lists the valid options\n"
 
 
 # ---- --help ----------------------------------------------------------------------------------------
@@ -307,3 +315,190 @@ def test_null_on_the_command_line_means_none_for_optional_fields():
     assert parse_config(Opts, ["--eval_dataset_path", "null"]).eval_dataset_path is None
     assert parse_config(Opts, ["--eval_dataset_path", "None"]).eval_dataset_path is None
     assert parse_config(Opts, ["--model_name_or_path", "null"]).model_name_or_path == "null"  # not optional
+
+
+# ---- values out of range: one `error:` line, exit 2, before anything is loaded or written ----------
+SFT_BAD_VALUES = [
+    (["--learning_rate", "-1"], "--learning_rate -1: must be > 0 (peak learning rate)"),
+    (["--learning_rate", "nan"], "--learning_rate nan: must be a finite number (peak learning rate)"),
+    (["--lora_r", "0"], "--lora_r 0: must be >= 1 (LoRA rank)"),
+    (["--gradient_accumulation_steps", "0"],
+     "--gradient_accumulation_steps 0: must be >= 1 (micro-batches per optimizer step)"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be >= 1 (micro-batch size)"),
+    (["--max_steps", "-2"], "--max_steps -2: must be >= -1 (optimizer steps; -1 trains for num_train_epochs)"),
+    (["--num_train_epochs", "0"],
+     "--num_train_epochs 0: must be > 0 when --max_steps is -1 (epochs; or set --max_steps N > 0)"),
+    (["--save_steps", "0"], "--save_steps 0: must be >= 1 (checkpoint every N optimizer steps)"),
+    (["--lora_alpha", "0"], "--lora_alpha 0: must be > 0 (LoRA alpha)"),
+    (["--lora_dropout", "1.0"], "--lora_dropout 1.0: must be >= 0 and < 1 (LoRA dropout)"),
+    (["--lora_dropout", "-0.1"], "--lora_dropout -0.1: must be >= 0 and < 1 (LoRA dropout)"),
+    (["--max_length", "8"],
+     "--max_length 8: must be >= 16 (tokens per example; a chat template alone takes more tokens than that)"),
+    (["--warmup_steps", "-1"], "--warmup_steps -1: must be >= 0 (warmup)"),
+    (["--eval_split", "1.5"], "--eval_split 1.5: must be >= 0 and < 1 (0 < x < 1; the fraction of the training "
+                              "file held out; 0: no split)"),
+    (["--seed", "-1"], "--seed -1: must be >= 0 and <= 4294967295 (random seed)"),
+]
+
+
+@pytest.mark.parametrize("argv, line", SFT_BAD_VALUES, ids=[a[0] + "=" + a[1] for a, _ in SFT_BAD_VALUES])
+def test_out_of_range_value_is_one_line_exit_2(recipe_config, capsys, argv, line):
+    assert fails(capsys, recipe_config, ["--max_steps", "4"] * (argv[0] != "--num_train_epochs") + argv) \
+        == f"error: {line}\n"
+
+
+def test_epochs_may_be_anything_when_max_steps_is_set(recipe_config):
+    assert parse_config(recipe_config, ["--num_train_epochs", "0", "--max_steps", "3"]).max_steps == 3
+
+
+def test_out_of_range_value_in_yaml_names_file_line_and_the_flag(recipe_config, tmp_path, capsys):
+    path = write(tmp_path, "max_steps: 4\n# the rank\nlora_r: 0      # too small\n")
+    assert fails(capsys, recipe_config, ["--config", str(path)]) == (
+        f"error: {path}:3: lora_r: 0 must be >= 1 (LoRA rank); fix it there or override it with --lora_r\n")
+    assert parse_config(recipe_config, ["--config", str(path), "--lora_r", "8"]).lora_r == 8  # the CLI wins
+
+
+@dataclass
+class Bounded:
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps; 0 = never", "min": 0})
+    temperature_floor: float = field(default=0.5, metadata={"help": "a recipe's own option", "gt": 0, "max": 1})
+    lora_r: int = field(default=8, metadata={"help": "rank"})
+
+
+def test_field_metadata_bounds_override_and_extend_the_standard_ones(capsys):
+    assert parse_config(Bounded, ["--save_steps", "0"]).save_steps == 0  # the standard rule says >= 1
+    assert fails(capsys, Bounded, ["--save_steps", "-1"]) == "error: --save_steps -1: must be >= 0 (checkpoint every N steps)\n"
+    assert fails(capsys, Bounded, ["--temperature_floor", "1.5"]) == (
+        "error: --temperature_floor 1.5: must be > 0 and <= 1 (a recipe's own option)\n")
+    assert fails(capsys, Bounded, ["--lora_r", "0"]) == "error: --lora_r 0: must be >= 1 (rank)\n"  # by name
+
+
+def test_a_bad_default_names_the_dataclass(capsys):
+    @dataclass
+    class BadDefault:
+        lora_r: int = 0
+
+    assert fails(capsys, BadDefault, []) == "error: the default lora_r = 0 of BadDefault must be >= 1; pass --lora_r\n"
+
+
+def finished_run(out):
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)))
+    (out / "metrics.json").write_text('{"final_train_loss": 1.25}\n')
+    (out / "manifest.json").write_text('{"status": "finished", "config": {"seed": 42}}\n')
+
+
+def digest(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("state", ["absent", "finished run"])
+def test_recipe_with_a_bad_value_writes_nothing(tmp_path, monkeypatch, capsys, state):
+    """The real script as __main__: exit 2 before the output dir is touched (a failed start used to leave a
+    "running" manifest that refused the corrected rerun as "a different config")."""
+    out = tmp_path / "out"
+    if state == "finished run":
+        finished_run(out)
+    before = digest(out) if out.exists() else None
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), "--model_name_or_path", "asset:tiny", "--output_dir", str(out),
+                                      "--gradient_accumulation_steps", "0"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: --gradient_accumulation_steps 0: must be >= 1 (micro-batches per optimizer step)"]
+    assert (digest(out) == before) if before is not None else not out.exists()
+
+
+# ---- one source of defaults: the recipe's own YAML -------------------------------------------------
+def load_recipe(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered: dataclasses, and parse_config finding the recipe's file
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def every_recipe():
+    names = sorted(p.stem for p in (REPO / "recipes").glob("*.py"))
+    modules = {n: load_recipe(REPO / "recipes" / f"{n}.py", f"_every_recipe_{n}") for n in names}
+    yield modules
+    for n in names:
+        sys.modules.pop(f"_every_recipe_{n}", None)
+
+
+def test_every_recipe_without_config_runs_its_yaml_and_checks_values(every_recipe, capsys):
+    """`python recipes/x.py` == `bash launch/x.sh` (which passes --config recipes/configs/x.yaml), the YAML and
+    the dataclass defaults are within bounds, and each recipe refuses a bad value of the shared options."""
+    checked = 0
+    for name, module in every_recipe.items():
+        implicit = parse_config(module.Config, [])
+        yaml_file = REPO / "recipes" / "configs" / f"{name}.yaml"
+        if yaml_file.is_file():
+            assert implicit == parse_config(module.Config, ["--config", str(yaml_file)]), name
+        names = {f.name for f in fields(module.Config)}
+        for option, bad in (("learning_rate", "-1"), ("lora_r", "0"), ("per_device_train_batch_size", "0"),
+                            ("gradient_accumulation_steps", "0"), ("max_length", "8")):
+            if option in names:
+                err = fails(capsys, module.Config, [f"--{option}", bad])
+                assert err.startswith(f"error: --{option} {bad}: must be ") and err.count("\n") == 1, (name, err)
+                checked += 1
+    assert checked >= 30
+
+
+def test_help_shows_the_yaml_defaults_that_will_run(monkeypatch, capsys):
+    """`python recipes/sft_memory_diet.py --help` (no --config) shows the YAML's values, not the dataclass's."""
+    raw = yaml.safe_load(RECIPE_YAML.read_text())
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), "--help"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert raw["learning_rate"] == 1e-3
+    assert "peak learning rate (default: 0.001)" in out
+    assert f"(default: {raw['lora_target_modules']})" in out and "(default: 8.0)" in out
+    assert "Defaults shown: recipes/configs/sft_memory_diet.yaml where it sets an option" in out
+
+
+def test_help_with_a_broken_config_still_lists_everything_and_says_why(tmp_path, capsys):
+    broken = write(tmp_path, "learning_rate: 1.0e-3\nlearnin_rate: 2\n")
+    with pytest.raises(SystemExit) as e:
+        parse_config(Small, ["--config", str(broken), "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the defaults above are the dataclass's" in out and "unknown key 'learnin_rate'" in out
+
+
+# ---- the recipe's name follows its file ------------------------------------------------------------
+def test_a_copied_recipe_takes_its_name_from_the_file(tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "recipes" / "my_run.py"
+    copy.parent.mkdir()
+    copy.write_text(RECIPE.read_text())
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        module = load_recipe(copy, "my_run_under_test")
+        assert module.RECIPE == "my_run"
+        assert parse_config(module.Config, []).output_dir == "runs/my_run"  # no configs/my_run.yaml: dataclass
+        assert parse_config(module.Config, ["--config", str(RECIPE_YAML)]).output_dir == "runs/my_run"
+        with pytest.raises(SystemExit):
+            parse_config(module.Config, ["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(default: runs/my_run)" in out and "there is no" in out and "my_run.yaml" in out
+    finally:
+        sys.modules.pop("my_run_under_test", None)
+
+
+def test_no_recipe_hard_codes_its_own_name():
+    for path in (REPO / "recipes").glob("*.py"):
+        text = path.read_text()
+        for literal in (f'"recipe": "{path.stem}"', f'default="runs/{path.stem}"', f'getLogger("{path.stem}")'):
+            assert literal not in text, f"{path.name}: {literal} (use RECIPE = Path(__file__).stem)"
+    for path in (REPO / "recipes" / "configs").glob("*.yaml"):
+        assert f"output_dir: runs/{path.stem}\n" not in path.read_text() or path.stem not in {
+            p.stem for p in (REPO / "recipes").glob("*.py")}, f"{path.name} pins output_dir to the recipe's name"
