@@ -174,9 +174,10 @@ def _decode_text(path, raw):
         even, odd = head[0::2].count(0), head[1::2].count(0)
         if max(even, odd) > 0.3 * len(head) / 2 and min(even, odd) < 0.05 * len(head) / 2:
             codec = "UTF-16LE" if odd > even else "UTF-16BE"
-            stem, suffix = os.path.splitext(path)
+            name = os.path.basename(path)
+            stem, suffix = os.path.splitext(name)
             raise DataError(path, None, f"file looks like {codec} text without a byte order mark (every other byte "
-                                        f"is 0); convert it to UTF-8: iconv -f {codec} -t UTF-8 {path} > "
+                                        f"is 0); convert it to UTF-8: iconv -f {codec} -t UTF-8 {name} > "
                                         f"{stem}.utf8{suffix}")
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
         raise DataError(path, line, "NUL byte: this is a binary file, not UTF-8 text; pass the .jsonl/.json/.csv/"
@@ -246,7 +247,7 @@ def _refuse_pretty_json(path, text, first_line, number):
             whole = None
         if isinstance(whole, list):
             raise DataError(path, None, f"file is one JSON array of {len(whole)} elements spread over "
-                                        f"{text.count(chr(10)) + 1} lines (pretty-printed JSON), not JSON Lines; "
+                                        f"{len(text.splitlines())} lines (pretty-printed JSON), not JSON Lines; "
                                         "rename it to .json (a list of records is read as is), or write one record "
                                         f"per line: jq -c '.[]' {name} > fixed.jsonl")
     if head == "{":

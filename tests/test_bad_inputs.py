@@ -54,6 +54,25 @@ DATA_CASES = {
     "whitespace_only.jsonl": ((), None, "file is empty; write at least one record"),
     "chosen_equals_rejected.jsonl": (("--format", "preference"), 2, SAME_PAIR),
     "chosen_equals_rejected_chat.jsonl": (("--format", "preference"), 1, SAME_PAIR),
+    # hostile data (tests/test_hostile_data.py covers each in depth)
+    "control_token_in_content.jsonl": ((), 2, "messages[1] (assistant) content contains the chat control token "
+                                              "'<|im_end|>': the tokenizer reads it as a real turn or sequence boundary, "
+                                              "not as text, so the words after it would be trained as another turn; "
+                                              "remove it (or break it up, e.g. '< |im_end|>', where the text is about "
+                                              "the token itself)"),
+    "duplicate_key.jsonl": ((), 2, "duplicate key 'output' in one JSON object; JSON keeps only the last value, "
+                                   "silently - keep one 'output' and delete (or rename) the other"),
+    "invisible_assistant.jsonl": ((), 3, "messages[1] (assistant) content is only invisible characters (U+200B ZERO "
+                                         "WIDTH SPACE, U+200D ZERO WIDTH JOINER, U+2060 WORD JOINER, ...); write the "
+                                         "assistant text or drop the turn"),
+    "lone_surrogate.jsonl": ((), 2, "`messages[1].content` holds a lone UTF-16 surrogate \\ud800 at character 6 (half "
+                                    "of an escaped pair, e.g. an emoji cut in two), which no tokenizer can encode; "
+                                    "delete it or write the whole character"),
+    "pretty_array.jsonl": ((), None, "file is one JSON array of 3 elements spread over 38 lines (pretty-printed JSON), "
+                                     "not JSON Lines; rename it to .json (a list of records is read as is), or write "
+                                     "one record per line: jq -c '.[]' pretty_array.jsonl > fixed.jsonl"),
+    "utf16_no_bom.jsonl": ((), None, "file looks like UTF-16LE text without a byte order mark (every other byte is 0); "
+                                     "convert it to UTF-8: iconv -f UTF-16LE -t UTF-8 utf16_no_bom.jsonl > utf16_no_bom.utf8.jsonl"),
 }
 # valid data that goes wrong only at a given max_length, and a config file: used by the recipe cases below
 RECIPE_INPUTS = {"long_system_prompt.jsonl", "some_too_long.jsonl", "unknown_key.yaml"}
