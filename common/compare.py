@@ -134,7 +134,8 @@ def planner_prediction(model_path: str, cfg: CompareConfig, spec: RunSpec, seq_l
     s = memory.Settings(method=spec.method, lora_r=cfg.lora_r, lora_targets=",".join(cfg.lora_target_modules),
                         lora_dropout=cfg.lora_dropout, seq_len=seq_len, batch_size=spec.batch,
                         gradient_accumulation_steps=spec.accumulation, optim=spec.optim, dtype=spec.precision,
-                        grad_ckpt=spec.gradient_checkpointing, zero=spec.zero_stage, device=device)
+                        grad_ckpt=spec.gradient_checkpointing, zero=spec.zero_stage, device=device,
+                        check_autocast=False)  # train_one's gradient check runs outside autocast
     if spec.zero_stage:
         s.optim = "adamw_torch"  # DeepSpeed's CPU Adam keeps AdamW's two fp32 states
     note = f"ZeRO-{spec.zero_stage} modelled without offload (on one CPU the offloaded states are in the same RAM)" \

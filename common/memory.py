@@ -1,10 +1,14 @@
 """Memory and parameter planner: predict what a fine-tuning run needs from the model config alone.
 
-    python -m common.memory --model <model dir or config.json> --method {full,lora,qlora} [--lora_r 16]
+    python -m common.memory --model <model dir or config.json> --method {full,lora,qlora} [--lora_r R]
         [--lora_targets q_proj,v_proj | all-linear] [--seq_len 512] [--batch_size 1] [--optim adamw_torch]
-        [--dtype bf16|fp16|fp32] [--grad_ckpt] [--world_size 1] [--zero {0,1,2,3}] [--device cuda|cpu] --json
+        [--dtype bf16|mixed|fp16|fp32] [--grad_ckpt] [--world_size 1] [--zero {0,1,2,3}] [--device cuda|cpu] --json
+    python -m common.memory --model <...> --seq_len 2048 --batch_size 4 --compare   # lora, qlora, full bf16, full mixed
     python -m common.memory --model <...> --budget_gb 24 --recommend [--json]
     python -m common.memory --model <...> --budget_gb 24 --find_batch_size [--json]
+
+Defaults are what recipes/sft_memory_diet.py runs: LoRA rank, dropout, target modules, optimizer and
+checkpointing are read from recipes/configs/sft_memory_diet.yaml (`recipe_defaults`), not declared here.
 
 Parameter counts are exact: the model is instantiated on the meta device from its config (no weights,
 no downloads) and LoRA is attached with peft, so the numbers are what `from_pretrained` +
@@ -14,6 +18,11 @@ no downloads) and LoRA is attached with peft, so the numbers are what `from_pret
   fp32 (peft upcasts them); QLoRA: bitsandbytes NF4, 0.5 byte/weight packed in uint8, plus one absmax
   per 64 weights (fp32, or 8-bit + one fp32 per 256 absmax with double quantization). QLoRA's other
   parameters (embeddings, lm_head, norms) are fp32: `prepare_model_for_kbit_training` upcasts them.
+  Precisions (`PRECISIONS`): bf16 is pure bf16, the model loaded in bf16, so a full fine-tune has bf16
+  weights, gradients and AdamW states and no fp32 master copy (torchtune's dtype=bf16, this repo's
+  recipes); mixed is HF mixed precision, `TrainingArguments(bf16=True)` on a model loaded in fp32: fp32
+  (master) weights, fp32 gradients and AdamW states, bf16 autocast activations, plus the bf16 copy of
+  every weight autocast makes in the forward pass and backward keeps until it reaches that layer.
 - gradients: one per trainable parameter, in its dtype.
 - optimizer states: AdamW 2 states in the parameter dtype (8 B/param for fp32); 8-bit AdamW 2 B/param
   plus an fp32 absmax per 256 values (tensors under 4,096 values stay 32-bit); paged_* the same bytes in
@@ -30,10 +39,18 @@ no downloads) and LoRA is attached with peft, so the numbers are what `from_pret
 - overhead: CUDA: the CUDA context (not in torch.cuda.max_memory_allocated) and allocator slack; CPU:
   the process baseline (interpreter + torch + transformers + data), measured on the reference machine.
 
-The peak is the largest of a few phases (`phases` in the output): the end of the forward pass (with the
-logits), the backward pass, the optimizer step; each for the training steps (under autocast, optimizer
-states allocated) and for the one-batch gradient check the recipes run before step 1
-(common.checks.check_gradient_flow: no autocast, so LoRA activations are fp32, and no optimizer states).
+The peak is the largest of a few phases (`phases` in the output; `peak_phase` names the largest and
+`peak_phase_description` says it in words): the end of the forward pass (with the logits), the
+backward pass, the optimizer step; each for the training steps (under autocast, optimizer states
+allocated) and for the one-batch gradient check the recipes run before step 1
+(common.checks.check_gradient_flow on the first micro-batch, before the optimizer has states).
+recipes/sft_memory_diet.py runs that check like a training step (the same autocast, peft's input cast
+off, the LM head on labelled positions), so it is never the peak there; `--check_outside_autocast`
+plans a check run outside autocast (common/compare.py, sft_multigpu_qlora.py), where peft casts every
+adapter input to fp32 and LoRA without checkpointing can need more than full fine-tuning.
+The training steps run with peft's input cast off under autocast (common.trainer.TokenCountingTrainer,
+`--peft_input_cast` for a plain peft + Trainer run). Logits are planned at every position (an upper
+bound for the recipes, whose LM head runs on labelled positions only).
 
 `peak_bytes` predicts what a recipe's metrics.json reports as `peak_memory_bytes` on that device
 (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM, see `cpu_rss_peak`).
@@ -55,9 +72,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 GB = 1024**3
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# precision: (bytes per base weight as loaded, bytes of what autocast computes in, what it is)
+PRECISIONS = {
+    "bf16": (2, 2, "pure bf16: the model is loaded in bf16; weights, gradients and AdamW states are bf16, no fp32 "
+                   "master copy"),
+    "fp16": (2, 2, "pure fp16: the model is loaded in fp16 (full fine-tuning in fp16 needs a loss scaler)"),
+    "fp32": (4, 4, "fp32: weights, gradients, optimizer states and activations fp32, no autocast"),
+    "mixed": (4, 2, "mixed precision: fp32 master weights, fp32 gradients and AdamW states, bf16 autocast "
+                    "activations and bf16 weight copies (TrainingArguments(bf16=True) on a model loaded in fp32)"),
+}
 CONFIG_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "torch.bfloat16": 2, "torch.float16": 2,
                       "torch.float32": 4}
+RECIPE_CONFIG = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "sft_memory_diet.yaml"
 
 # bitsandbytes 4-bit (bnb 0.50): 64 weights per absmax; double quantization stores those absmax values
 # in 8 bits with one fp32 absmax per 256 of them, plus a 256-entry fp32 code table and an fp32 offset.
@@ -98,38 +124,78 @@ class PlanError(ValueError):
     """A setting the planner cannot model; the message says what to change."""
 
 
+_RECIPE_DEFAULTS: dict = {}
+
+
+def recipe_defaults() -> dict:
+    """LoRA rank, dropout, targets, optimizer and checkpointing as recipes/sft_memory_diet.py runs them by default:
+    read from its YAML (the file its launcher always loads), so the planner's defaults cannot drift from it.
+    `gradient_checkpointing: auto` plans without checkpointing: the recipe turns it on only when that plan does
+    not fit its memory budget."""
+    if not _RECIPE_DEFAULTS:
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(RECIPE_CONFIG.read_text()) or {}
+        except OSError as e:
+            raise PlanError(f"{RECIPE_CONFIG}: the planner takes its defaults from the recipe's config ({e})") from None
+        targets = cfg.get("lora_target_modules", "all-linear")
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        _RECIPE_DEFAULTS.update(
+            lora_r=int(cfg["lora_r"]), lora_dropout=float(cfg["lora_dropout"]), optim=str(cfg["optim"]),
+            lora_targets="all-linear" if targets == ["all-linear"] else ",".join(targets),
+            grad_ckpt=str(cfg.get("gradient_checkpointing")).lower() == "true")
+    return dict(_RECIPE_DEFAULTS)
+
+
+def _recipe(name: str):
+    return field(default_factory=lambda: recipe_defaults()[name])
+
+
 @dataclass
 class Settings:
     """One training configuration to plan for (names follow TrainingArguments and the recipes)."""
 
     method: str = "lora"                  # full | lora | qlora
-    lora_r: int = 16
-    lora_targets: str = "all-linear"      # comma-separated Linear names, or all-linear
-    lora_dropout: float = 0.05
+    lora_r: int = _recipe("lora_r")
+    lora_targets: str = _recipe("lora_targets")   # comma-separated Linear names, or all-linear
+    lora_dropout: float = _recipe("lora_dropout")
     seq_len: int = 512
     batch_size: int = 1                   # per-device micro-batch
     gradient_accumulation_steps: int = 1
-    optim: str = "adamw_torch"
-    dtype: str = "bf16"                   # training precision; the model is loaded in it (QLoRA: compute dtype)
-    grad_ckpt: bool = False
+    optim: str = _recipe("optim")
+    dtype: str = "bf16"                   # PRECISIONS: bf16 | mixed | fp16 | fp32 (QLoRA: the compute dtype)
+    grad_ckpt: bool = _recipe("grad_ckpt")
     world_size: int = 1
     zero: int = 0                         # DeepSpeed ZeRO stage (0 = plain DDP / single device)
     device: str = "cuda"                  # cuda | cpu
     double_quant: bool = True             # QLoRA: bnb_4bit_use_double_quant
     cpu_heap_retention: float = -1.0      # CPU only; -1 = CPU_HEAP_RETENTION, 0 = the run sets MALLOC_MMAP_THRESHOLD_
     gradient_check: bool = True           # the run does the recipes' one-batch check before step 1
+    check_autocast: bool = True           # that check runs like a training step (sft_memory_diet); False: outside autocast
+    peft_input_cast: bool = False         # training steps keep peft's cast of adapter inputs to fp32 (a plain Trainer)
+    labelled_fraction: float = 1.0        # share of positions whose next token is labelled: the recipes' LM head and
+    #                                       loss run only there (1.0 plans every position, the upper bound)
 
     def check(self) -> None:
         if self.method not in ("full", "lora", "qlora"):
             raise PlanError(f"--method {self.method!r}: choose full, lora or qlora")
-        if self.dtype not in DTYPE_BYTES:
-            raise PlanError(f"--dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.dtype not in PRECISIONS:
+            raise PlanError(f"--dtype {self.dtype!r}: choose bf16, mixed, fp16 or fp32")
+        if self.dtype == "mixed" and self.method == "qlora":
+            raise PlanError("--dtype mixed with --method qlora: the 4-bit base has no fp32 weights; use --dtype bf16 "
+                            "(bnb_4bit_compute_dtype)")
+        if self.dtype == "mixed" and self.zero:
+            raise PlanError("--dtype mixed with --zero: DeepSpeed casts the model to bf16 and keeps its own fp32 "
+                            "master copy; use --dtype bf16 with --zero")
         if self.optim not in OPTIMIZERS:
             raise PlanError(f"--optim {self.optim!r} is not modelled; choose one of {sorted(OPTIMIZERS)}")
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"--zero {self.zero}: choose 0, 1, 2 or 3")
         if self.device not in ("cuda", "cpu"):
             raise PlanError(f"--device {self.device!r}: choose cuda or cpu")
+        if not 0 < self.labelled_fraction <= 1:
+            raise PlanError(f"--labelled_fraction {self.labelled_fraction}: a share of the positions, in (0, 1]")
         for name in ("lora_r", "seq_len", "batch_size", "gradient_accumulation_steps", "world_size"):
             if getattr(self, name) < 1:
                 raise PlanError(f"--{name} must be >= 1")
@@ -196,7 +262,7 @@ def _targets(spec: str):
 
 
 def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "all-linear",
-                  lora_dropout: float = 0.05) -> Architecture:
+                  lora_dropout: float = 0.0) -> Architecture:
     """Instantiate the model on the meta device (no memory, no weights), attach LoRA with peft, count."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -289,71 +355,100 @@ def optimizer_state_bytes(optim: str, shapes: list[tuple], param_bytes: int) -> 
     return total
 
 
-def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = True) -> tuple[float, int]:
+def _dtypes(s: Settings, autocast: bool) -> dict:
+    """Bytes per element of what one pass keeps: w = base weights as loaded, c = what autocast computes in,
+    ac = autocast casts anything (bf16/fp16 compute), res = the residual stream and norm outputs (fp32 under
+    QLoRA, whose embeddings and norms prepare_model_for_kbit_training upcasts, and under mixed precision),
+    lin = the outputs of the projections, attn = what sdpa sees."""
+    w, c, _ = PRECISIONS[s.dtype]
+    ac = autocast and c < 4
+    res = 4 if s.method == "qlora" else w
+    lin = res if s.method == "qlora" else (c if ac else w)
+    return {"w": w, "c": c, "ac": ac, "res": res, "lin": lin, "attn": c if ac else lin}
+
+
+def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = True,
+                           peft_cast: bool = True) -> tuple[float, int]:
     """(bytes per token, bytes per layer independent of tokens) that autograd keeps for one decoder layer.
 
     Read off the tensors transformers' Llama/Mistral block saves (checked against a saved-tensor hook
-    count in tests/test_memory.py). Dtypes: b = --dtype; the residual stream is fp32 under QLoRA
-    (prepare_model_for_kbit_training upcasts the embeddings) and bitsandbytes' Linear4bit returns its
-    input's dtype, so QLoRA's projections come out fp32 too. autocast casts sdpa inputs and LoRA
-    matmul inputs to b; without autocast (the recipes' one-batch gradient check) they stay as they are.
+    count in tests/test_memory.py). Dtypes from `_dtypes`. Bitsandbytes' Linear4bit returns its input's
+    dtype, so QLoRA's projections come out fp32. `peft_cast`: peft casts each adapter's input to the
+    adapter's fp32 dtype (then autocast casts that copy back for the matmul); the recipes' Trainer turns it
+    off under autocast, so an adapter reads its input as it is.
       RMSNorm x2:   fp32 copy of its input (4h) + rsqrt (4); full FT also its normalized input
       sdpa:         q, k, v, output + fp32 logsumexp per head (flash-style kernels, CPU and CUDA)
       SwiGLU:       gate, up and silu(gate) outputs
-      full FT:      the inputs of q/k/v, gate/up and down (for the weight gradients)
-      LoRA module:  dropout mask (CPU: fp32 noise, CUDA: bool mask), lora_A's input (fp32, or its
-                    autocast copy), lora_A's output; under autocast also a copy of each fp32 adapter
-                    weight (the per-layer constant).
+      full FT:      the inputs of q/k/v, gate/up and down (for the weight gradients): one shared tensor per
+                    group, or under autocast from fp32 (mixed) one bf16 copy per projection; and autocast's
+                    bf16 copy of every fp32 weight (the per-layer constant)
+      LoRA module:  dropout mask (CPU: fp32 noise, CUDA: bool mask), lora_A's input, lora_A's output; under
+                    autocast also a copy of each fp32 adapter weight (the per-layer constant) and, for an
+                    fp32 base (mixed), of each base weight.
     """
     h, i, q, kv = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim
-    b = DTYPE_BYTES[s.dtype]
-    ac = autocast and b < 4
-    b_res = 4 if s.method == "qlora" else b               # residual stream, norm outputs
-    b_lin = b_res if s.method == "qlora" else b            # outputs of the frozen projections
-    b_attn = b if ac else b_lin                            # what sdpa sees
-    per_token = 2 * (4 * h + 4) + 2 * b_attn * q + 2 * b_attn * kv + 4 * arch.heads + 3 * b_lin * i
+    d = _dtypes(s, autocast)
+    c, ac, res, lin, attn = d["c"], d["ac"], d["res"], d["lin"], d["attn"]
+    per_token = 2 * (4 * h + 4) + 2 * attn * q + 2 * attn * kv + 4 * arch.heads + 3 * lin * i
     constant = 0
+    layer_linear = sum(arch.quantizable) // arch.layers if arch.layers else 0   # a layer's projection weights
+    weight_copies = ac and d["w"] != c and s.method != "qlora"                  # autocast's copies of fp32 weights
     if s.method == "full":
-        per_token += 2 * b_res * h + 2 * b * h + b * i
+        per_token += 2 * res * h                                # the normalized inputs (norm weight gradients)
+        sharing = (not ac) or res == c                          # one input tensor shared by the group's projections
+        per_token += (2 if sharing else 5) * (c if ac else res) * h + lin * i  # q/k/v + gate/up inputs, down's
+        if weight_copies:
+            constant += c * layer_linear
         return per_token, constant
     mask = (4 if s.device == "cpu" else 1) if s.lora_dropout > 0 else 0
-    input_bytes = {"attn_in": b_res, "mlp_in": b_res, "attn_out": b_attn, "mlp_out": b_lin}
+    arrives = {"attn_in": res, "mlp_in": res, "attn_out": attn, "mlp_out": lin}   # dtype of each group's input
     shared = set()
-    for name, d in arch.lora_inputs:
-        group = LLAMA_GROUPS.get(name, "attn_in" if d == h else "mlp_out")
-        per_token += mask * d + (b if ac else 4) * s.lora_r
-        if ac:
-            per_token += b * d                              # autocast's bf16 copy of the (dropped-out) input
-        elif s.lora_dropout > 0 or input_bytes[group] != 4:
-            per_token += 4 * d                              # the fp32 dropout output / fp32 cast, per module
-        elif group not in shared and group != "attn_out":   # fp32 input without dropout: shared, and
-            shared.add(group)                               # o_proj's is the sdpa output already kept
-            per_token += 4 * d
+    for name, dim in arch.lora_inputs:
+        group = LLAMA_GROUPS.get(name, "attn_in" if dim == h else "mlp_out")
+        x = 4 if peft_cast else arrives[group]                  # what dropout and lora_A get
+        copied = x != arrives[group]                            # peft made a per-module fp32 copy
+        per_token += mask * dim + (c if ac else 4) * s.lora_r  # dropout mask, lora_A's output
+        if s.lora_dropout > 0 or copied or (ac and x != c):
+            per_token += (c if ac else x) * dim                 # a per-module tensor: dropout output or a cast
+        elif group not in shared and group != "attn_out":       # the input itself, shared by the group;
+            shared.add(group)                                   # o_proj's is the sdpa output already kept
+            per_token += x * dim
     if ac:
-        constant += b * arch.lora_params // arch.layers
+        constant += c * arch.lora_params // arch.layers
+    if weight_copies:
+        constant += c * layer_linear
     return per_token, constant
 
 
-def activation_bytes(arch: Architecture, s: Settings, autocast: bool = True) -> dict:
-    """Activations kept through the forward pass, the logits peak, and the backward working set."""
+def activation_bytes(arch: Architecture, s: Settings, autocast: bool = True, peft_cast: bool = True,
+                     labelled_fraction: float = 1.0) -> dict:
+    """Activations kept through the forward pass, the logits peak, and the backward working set.
+    `labelled_fraction`: the share of positions the LM head runs on (common.trainer.labelled_logits_inputs)."""
     tokens = s.batch_size * s.seq_len
-    b = DTYPE_BYTES[s.dtype]
-    b_res = 4 if s.method == "qlora" else b
-    per_token, constant = layer_activation_bytes(arch, s, autocast)
+    logit_positions = math.ceil(labelled_fraction * tokens)
+    d = _dtypes(s, autocast)
+    b, res = d["c"] if d["ac"] else d["w"], d["res"]
+    per_token, constant = layer_activation_bytes(arch, s, autocast, peft_cast)
     one_layer = int(per_token * tokens + constant)
     if s.grad_ckpt:
-        kept = arch.layers * b_res * arch.hidden * tokens      # each checkpointed layer's input
+        kept = arch.layers * res * arch.hidden * tokens        # each checkpointed layer's input
+        # autocast caches its copy of every trainable fp32 weight (leaf tensors requiring grad) until the forward
+        # ends; the other copies die with the discarded saved tensors
+        if d["ac"] and s.method != "full":
+            kept += d["c"] * arch.lora_params
+        elif d["ac"] and d["w"] != d["c"]:
+            kept += d["c"] * sum(arch.quantizable)
     else:
         kept = arch.layers * one_layer
     # after the last layer: final norm (+ lm_head input for full FT), labels, the loss, and rope's cos/sin
     # (kept by the layers themselves unless they are checkpointed)
-    rest = (4 * arch.hidden + 4 + 8) * tokens + 4 + (0 if s.grad_ckpt else 2 * s.seq_len * arch.head_dim * b_res)
+    rest = (4 * arch.hidden + 4 + 8) * tokens + 4 + (0 if s.grad_ckpt else 2 * s.seq_len * arch.head_dim * res)
     if s.method == "full":
-        rest += (b_res * arch.hidden + b * arch.hidden + 8) * tokens
-    if s.method == "qlora" and autocast and b < 4:
-        rest += b * arch.vocab * arch.hidden                  # autocast's copy of the fp32 lm_head
-    logits_saved = 4 * arch.vocab * tokens                     # fp32 log-softmax output
-    logits_peak = 12 * arch.vocab * tokens                     # + its gradient + the logits' gradient
+        rest += (res * arch.hidden + b * arch.hidden + 8) * tokens
+    if d["ac"] and (s.method == "qlora" or d["w"] != d["c"]):
+        rest += d["c"] * arch.vocab * arch.hidden              # autocast's copy of the fp32 lm_head
+    logits_saved = 4 * arch.vocab * logit_positions            # fp32 log-softmax output
+    logits_peak = 12 * arch.vocab * logit_positions            # + its gradient + the logits' gradient
     # backward of one layer: gradients of its activations (about two hidden- and two MLP-sized fp32 tensors)
     backward_working = 4 * (2 * arch.hidden + 2 * arch.intermediate) * tokens
     traffic = arch.layers * one_layer                          # activation bytes one forward pass allocates
@@ -376,19 +471,47 @@ def _phases(prefix: str, static: int, act: dict, accumulated: int, gradients: in
     }
 
 
+PHASES = {
+    "forward_end": "forward activations + logits at the end of the forward pass",
+    "backward_layer": "backward through a layer (activations still kept + that layer's gradients)",
+    "backward_end": "end of the backward pass (all gradients)",
+}
+
+
+def describe_phase(phase: str, s: Settings) -> str:
+    """`peak_phase` in words: which pass and what is alive then."""
+    if phase == "optimizer_step":
+        return "optimizer step (weights + gradients + optimizer states" + \
+            (" + foreach temporaries)" if s.device == "cuda" else ")")
+    if phase.startswith("check_"):
+        how = "like a training step" if s.check_autocast else "outside autocast, peft casting adapter inputs to fp32"
+        return f"gradient check (one micro-batch before step 1, {how}): {PHASES[phase[6:]]}"
+    return f"training step: {PHASES[phase]}, optimizer states allocated"
+
+
+def describe_precision(s: Settings) -> str:
+    """What --dtype means for this method (the full fine-tuning wording is PRECISIONS')."""
+    if s.method == "full":
+        return PRECISIONS[s.dtype][2]
+    base = {"qlora": "4-bit NF4 base computing in " + ("fp32" if s.dtype == "fp32" else s.dtype),
+            "lora": {"mixed": "fp32 base", "fp32": "fp32 base"}.get(s.dtype, f"{s.dtype} base")}[s.method]
+    autocast = "no autocast" if PRECISIONS[s.dtype][1] == 4 else f"{'bf16' if s.dtype == 'mixed' else s.dtype} autocast"
+    return f"{s.dtype}: {base} (frozen), fp32 adapters with fp32 gradients and optimizer states, {autocast}"
+
+
 def plan_bytes(arch: Architecture, s: Settings) -> dict:
     """Bytes per component and the predicted peak for one configuration."""
     s.check()
-    b = DTYPE_BYTES[s.dtype]
+    w, b, _ = PRECISIONS[s.dtype]                              # bytes per base weight, per autocast element
     n, z = s.world_size, s.zero
     base_params = arch.total_params - arch.lora_params
     if s.method == "qlora":
         quantized = sum(arch.quantizable)
         weights = sum(nf4_bytes(k, s.double_quant) for k in arch.quantizable) + 4 * (base_params - quantized)
     else:
-        weights = b * base_params
+        weights = w * base_params
     weights += 4 * arch.lora_params                            # peft keeps adapters in fp32
-    param_bytes = b if s.method == "full" else 4
+    param_bytes = w if s.method == "full" else 4              # mixed: the fp32 weights are the master copy
     gradients = param_bytes * arch.trainable_params
     master = 4 * arch.trainable_params if (z >= 1 and param_bytes < 4) else 0
     states_dtype = 4 if z >= 1 else param_bytes                # DeepSpeed steps on fp32 partitions
@@ -403,16 +526,19 @@ def plan_bytes(arch: Architecture, s: Settings) -> dict:
         weights = weights // n
         zero3_gathered = 2 * b * arch.largest_layer_params     # a layer being used + the one prefetched
     ddp_buckets = gradients if (n > 1 and z == 0) else 0       # DDP's flat gradient buckets
-    train = activation_bytes(arch, s, autocast=True)
-    check = activation_bytes(arch, s, autocast=False)
+    train = activation_bytes(arch, s, autocast=True, peft_cast=s.peft_input_cast, labelled_fraction=s.labelled_fraction)
+    check = activation_bytes(arch, s, autocast=s.check_autocast,  # outside autocast: the plain check, every position
+                             peft_cast=s.peft_input_cast if s.check_autocast else True,
+                             labelled_fraction=s.labelled_fraction if s.check_autocast else 1.0)
 
     static = weights + master + zero3_gathered
     accumulated = gradients if s.gradient_accumulation_steps > 1 else 0
     foreach_adam = s.device == "cuda" and OPTIMIZERS[s.optim][0] == "adamw"
     optimizer_temp = 4 * arch.trainable_params // (n if z else 1) if foreach_adam else 0
     on_device_optimizer = 0 if paged else optimizer
-    # the recipes' one-batch gradient check (common.checks.check_gradient_flow) runs before step 1,
-    # outside autocast and before the optimizer has states; then the training steps under autocast
+    # the recipes' one-batch gradient check (common.checks.check_gradient_flow) runs before step 1, before the
+    # optimizer has states (sft_memory_diet: like a training step; --check_outside_autocast: without autocast,
+    # peft's input cast on); then the training steps under autocast
     phases = _phases("check_", static, check, 0, gradients) if s.gradient_check else {}
     phases.update(_phases("", static + on_device_optimizer, train, accumulated, gradients + ddp_buckets))
     phases["optimizer_step"] = (static + on_device_optimizer + gradients + ddp_buckets + optimizer_temp,
@@ -436,6 +562,7 @@ def plan_bytes(arch: Architecture, s: Settings) -> dict:
         "activation_bytes_per_token_per_layer": round(train["per_token_per_layer"], 1),
         "ddp_bucket_bytes": int(ddp_buckets), "zero3_gathered_bytes": int(zero3_gathered),
         "overhead_bytes": int(overhead), "tensors_peak_bytes": int(tensors_peak), "peak_phase": peak_phase,
+        "peak_phase_description": describe_phase(peak_phase, s), "precision": describe_precision(s),
         "phases": {k: int(v[0]) for k, v in phases.items()},
         "peak_bytes": int(peak), "required_bytes": int(required), "peak_measured_as": measured_as,
     }
@@ -455,10 +582,11 @@ def cpu_rss_peak(arch: Architecture, s: Settings, weights: int, phases: dict) ->
     threshold (MALLOC_MMAP_THRESHOLD_=1048576 in the run's environment) stops that: retention 0.
     """
     file_bytes = arch.checkpoint_dtype_bytes * (arch.total_params - arch.lora_params)
-    aliased = arch.checkpoint_dtype_bytes == DTYPE_BYTES[s.dtype]
+    w = PRECISIONS[s.dtype][0]
+    aliased = arch.checkpoint_dtype_bytes == w
     loading = file_bytes + (0 if aliased and s.method != "qlora" else weights)
     resident_file = 0
-    if s.method == "qlora" and aliased and DTYPE_BYTES[s.dtype] == 4:
+    if s.method == "qlora" and aliased and w == 4:
         unquantized = 4 * (arch.total_params - arch.lora_params - sum(arch.quantizable))
         resident_file = file_bytes - unquantized            # those parameters are counted in the weights
     retention = CPU_HEAP_RETENTION if s.cpu_heap_retention < 0 else s.cpu_heap_retention
@@ -565,6 +693,27 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
                       f"--seq_len, use fewer/smaller LoRA targets, more devices with --zero 3, or a bigger device."}
 
 
+COMPARE_ROWS = [("lora", "lora", "bf16"), ("qlora", "qlora", "bf16"), ("full bf16", "full", "bf16"),
+                ("full mixed", "full", "mixed")]
+
+
+def compare_methods(model: str | None, settings: Settings | None = None, config=None, **overrides) -> list[dict]:
+    """The same shapes planned for LoRA, QLoRA, full fine-tuning in pure bf16 and in mixed precision: one row each
+    with its peak, the phase that sets it and what the precision means."""
+    s = replace(settings or Settings(), **overrides)
+    config = config if config is not None else load_config(model)
+    rows = []
+    for label, method, dtype in COMPARE_ROWS:
+        if s.device == "cpu" and method == "qlora" and s.dtype == "fp32":
+            dtype = "fp32"
+        p = plan(model, replace(s, method=method, dtype=dtype), config=config)
+        rows.append({"row": label, "method": method, "dtype": dtype, "precision": p["precision"],
+                     "trainable_params": p["trainable_params"], "peak_bytes": p["peak_bytes"],
+                     "required_bytes": p["required_bytes"], "peak_phase": p["peak_phase"],
+                     "peak_phase_description": p["peak_phase_description"], "phases": p["phases"]})
+    return rows
+
+
 def max_batch_size(model: str | None, budget_bytes: int, settings: Settings | None = None, config=None,
                    limit: int = 4096, **overrides) -> int:
     """The largest micro-batch whose `required_bytes` fits `budget_bytes` with everything else fixed
@@ -603,8 +752,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch_size", type=int, default=d.batch_size, help="per-device micro-batch")
     ap.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
     ap.add_argument("--optim", default=d.optim, help=f"one of {', '.join(sorted(OPTIMIZERS))}")
-    ap.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPE_BYTES))
-    ap.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
+    ap.add_argument("--dtype", default=d.dtype, choices=sorted(PRECISIONS),
+                    help="bf16: pure bf16 (model loaded in bf16, no fp32 master copy); mixed: fp32 weights + bf16 "
+                         "autocast (TrainingArguments(bf16=True) on an fp32 model); fp16; fp32")
+    ap.add_argument("--grad_ckpt", action="store_true", default=d.grad_ckpt,
+                    help="gradient checkpointing (non-reentrant)")
     ap.add_argument("--world_size", type=int, default=d.world_size)
     ap.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3])
     ap.add_argument("--device", default=d.device, choices=["cuda", "cpu"],
@@ -614,7 +766,18 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"CPU: extra RSS per byte of activations allocated (default {CPU_HEAP_RETENTION}, measured "
                          "with glibc's dynamic mmap threshold; 0 when the run sets MALLOC_MMAP_THRESHOLD_)")
     ap.add_argument("--no_gradient_check", action="store_true",
-                    help="the run skips the recipes' one-batch gradient check (outside autocast) before step 1")
+                    help="the run skips the recipes' one-batch gradient check before step 1")
+    ap.add_argument("--check_outside_autocast", action="store_true",
+                    help="the gradient check runs outside autocast with peft's fp32 input cast (common/compare.py, "
+                         "sft_multigpu_qlora.py); default: like a training step, as recipes/sft_memory_diet.py runs it")
+    ap.add_argument("--peft_input_cast", action="store_true",
+                    help="training steps keep peft's cast of adapter inputs to fp32 (a plain Trainer; the recipes' "
+                         "TokenCountingTrainer turns it off under autocast)")
+    ap.add_argument("--labelled_fraction", type=float, default=d.labelled_fraction,
+                    help="share of positions whose next token is labelled (assistant-only SFT: often 0.3-0.6); the "
+                         "recipes run the LM head only there. Default 1.0: every position (upper bound)")
+    ap.add_argument("--compare", action="store_true",
+                    help="one row each for lora, qlora, full bf16 and full mixed precision at these shapes")
     ap.add_argument("--budget_gb", type=float, help="memory budget per device in GiB (with --recommend)")
     ap.add_argument("--recommend", action="store_true", help="propose the fastest configuration that fits --budget_gb")
     ap.add_argument("--find_batch_size", action="store_true",
@@ -626,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
                  seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
                  optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, world_size=a.world_size, zero=a.zero,
                  device=a.device, double_quant=not a.no_double_quant, cpu_heap_retention=a.cpu_heap_retention,
-                 gradient_check=not a.no_gradient_check)
+                 gradient_check=not a.no_gradient_check, check_autocast=not a.check_outside_autocast,
+                 peft_input_cast=a.peft_input_cast, labelled_fraction=a.labelled_fraction)
     try:
         if (a.recommend or a.find_batch_size) and a.budget_gb is None:
             raise PlanError("--recommend and --find_batch_size need --budget_gb")
@@ -636,6 +800,19 @@ def main(argv: list[str] | None = None) -> int:
                    "plan": plan(a.model, s, batch_size=batch) if batch else None}
             print(json.dumps(out, indent=2) if a.json else f"largest micro-batch that fits {a.budget_gb} GiB: {batch}")
             return 0 if batch else 1
+        if a.compare:
+            rows = compare_methods(a.model, s)
+            if a.json:
+                print(json.dumps({"model": a.model, "rows": rows}, indent=2))
+                return 0
+            print(f"{a.model}: {s.batch_size} x {s.seq_len} tokens, {'' if s.grad_ckpt else 'no '}gradient checkpointing, "
+                  f"{s.optim}, LoRA r={s.lora_r} dropout {s.lora_dropout} on {s.lora_targets}, device {s.device}")
+            for r in rows:
+                print(f"  {r['row']:<18}{_fmt(r['peak_bytes'])} peak  (required {r['required_bytes'] / GB:.2f} GiB)  "
+                      f"peak: {r['peak_phase_description']}")
+            for r in rows:
+                print(f"  {r['row']}: {r['precision']}")
+            return 0
         if a.recommend:
             out = recommend(a.model, int(a.budget_gb * GB), s)
             out["model"], out["budget_gb"] = a.model, a.budget_gb
@@ -657,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "master_weights_bytes", "activations_bytes",
                 "logits_bytes", "overhead_bytes", "peak_bytes", "required_bytes"):
         print(f"  {key[:-6]:<16}{_fmt(out[key])}")
-    print(f"  peak phase: {out['peak_phase']}; peak measured as {out['peak_measured_as']}")
+    print(f"  precision: {out['precision']}")
+    print(f"  peak: {out['peak_phase_description']} ({out['peak_phase']}); measured as {out['peak_measured_as']}")
     return 0
 
 

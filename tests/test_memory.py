@@ -106,9 +106,10 @@ def test_hand_checkable_tiny_case(tiny_config):
     # full fine-tune in bf16: weights, gradients and AdamW states all in bf16
     f = plan(tiny_config, s, method="full")
     assert (f["weights_bytes"], f["gradients_bytes"], f["optimizer_bytes"]) == (2 * base, 2 * base, 4 * base)
-    # gradient checkpointing keeps one hidden state per layer (+ recomputes one layer in backward)
+    # gradient checkpointing keeps one hidden state per layer (+ recomputes one layer in backward); autocast's
+    # cache holds the bf16 copies of the fp32 adapters until the forward pass ends
     ck = plan(tiny_config, s, grad_ckpt=True)
-    assert ck["activations_bytes"] == 2 * (2 * 64 * tokens) + rest - 2 * 32 * 16 * 2 + 4 * 512 * tokens
+    assert ck["activations_bytes"] == 2 * (2 * 64 * tokens) + rest - 2 * 32 * 16 * 2 + 4 * 512 * tokens + 2 * lora
 
 
 def test_nf4_bytes_match_bitsandbytes():
@@ -171,19 +172,27 @@ def small_model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("method,targets,dropout,autocast,grad_ckpt", [
-    ("lora", "all-linear", 0.05, True, False),        # the recipes' training steps on CPU (bf16 autocast)
-    ("lora", "all-linear", 0.05, False, False),       # the recipes' one-batch gradient check (no autocast)
-    ("lora", "q_proj,v_proj", 0.0, True, False),
-    ("lora", "q_proj,v_proj", 0.0, False, True),
-    ("qlora", "all-linear", 0.05, True, False),
-    ("qlora", "q_proj,v_proj", 0.0, False, False),
-    ("full", None, 0.0, True, False),
+@pytest.mark.parametrize("method,targets,dropout,dtype,autocast,peft_cast,grad_ckpt", [
+    ("lora", "all-linear", 0.0, "bf16", True, False, False),   # the recipes' training steps (TokenCountingTrainer)
+    ("lora", "all-linear", 0.05, "bf16", True, True, False),   # a plain Trainer: peft's fp32 input cast kept
+    ("lora", "all-linear", 0.05, "bf16", False, True, False),  # a gradient check outside autocast
+    ("lora", "q_proj,v_proj", 0.0, "bf16", True, True, False),
+    ("lora", "q_proj,v_proj", 0.0, "bf16", False, True, True),
+    ("lora", "all-linear", 0.0, "mixed", True, False, False),  # fp32 base under bf16 autocast
+    ("qlora", "all-linear", 0.05, "bf16", True, True, False),
+    ("qlora", "q_proj,v_proj", 0.0, "bf16", False, True, False),
+    ("full", None, 0.0, "bf16", True, False, False),           # pure bf16
+    ("full", None, 0.0, "mixed", True, False, False),          # fp32 master weights + bf16 autocast
+    ("full", None, 0.0, "fp32", False, False, False),
 ])
-def test_activation_model_matches_saved_tensors(small_model_dir, method, targets, dropout, autocast, grad_ckpt):
+def test_activation_model_matches_saved_tensors(small_model_dir, method, targets, dropout, dtype, autocast, peft_cast,
+                                                grad_ckpt):
+    from peft.helpers import disable_input_dtype_casting
+
     from common.models import attach_lora, load_base_model
 
-    model = load_base_model(small_model_dir, torch.device("cpu"), "bf16", method == "qlora", "sdpa")
+    model = load_base_model(small_model_dir, torch.device("cpu"), "fp32" if dtype == "mixed" else dtype,
+                            method == "qlora", "sdpa")
     if method == "full" and grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif method != "full":
@@ -191,11 +200,13 @@ def test_activation_model_matches_saved_tensors(small_model_dir, method, targets
                             quantized=method == "qlora", gradient_checkpointing=grad_ckpt)
     model.train()
     ids = torch.randint(0, 1000, (2, 64))
-    measured = _saved_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, autocast)
+    with disable_input_dtype_casting(model, active=method != "full" and not peft_cast):
+        measured = _saved_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+                                autocast)
     s = Settings(method=method, lora_r=16, lora_targets=targets or "all-linear", lora_dropout=dropout, seq_len=64,
-                 batch_size=2, dtype="bf16", grad_ckpt=grad_ckpt, device="cpu")
+                 batch_size=2, dtype=dtype, grad_ckpt=grad_ckpt, device="cpu")
     arch = inspect_model(load_config(small_model_dir), method, 16, s.lora_targets, dropout)
-    act = memory.activation_bytes(arch, s, autocast=autocast)
+    act = memory.activation_bytes(arch, s, autocast=autocast, peft_cast=peft_cast)
     assert act["kept"] + act["logits_saved"] == measured
 
 
@@ -297,3 +308,88 @@ def test_validation_recipe_specs_and_help():
     with pytest.raises(SystemExit) as e:
         mv.parse_config(mv.Config, ["--help"])
     assert e.value.code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan matches what the recipe runs (issue 14): its defaults, both full-FT precisions, the peak phase
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen_config(tmp_path_factory):
+    """Qwen2.5-0.5B's config.json, written from its published values (no download)."""
+    path = tmp_path_factory.mktemp("qwen") / "config.json"
+    path.write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+        "tie_word_embeddings": True, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "hidden_act": "silu", "dtype": "bfloat16", "use_sliding_window": False}))
+    return str(path)
+
+
+def test_defaults_are_the_recipes_config(tmp_path, monkeypatch):
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "recipes/configs/sft_memory_diet.yaml").read_text())
+    s = Settings()
+    assert s.lora_dropout == recipe["lora_dropout"] == 0.0
+    assert s.lora_targets == ",".join(recipe["lora_target_modules"]) and s.lora_r == recipe["lora_r"]
+    assert s.optim == recipe["optim"] and s.grad_ckpt is (str(recipe["gradient_checkpointing"]) == "true")
+    # read from the file, not declared twice: another YAML gives other defaults
+    other = tmp_path / "sft_memory_diet.yaml"
+    other.write_text(yaml.safe_dump({**recipe, "lora_dropout": 0.1, "lora_r": 8, "lora_target_modules": ["all-linear"],
+                                     "gradient_checkpointing": True, "optim": "adamw_bnb_8bit"}))
+    monkeypatch.setattr(memory, "RECIPE_CONFIG", other)
+    monkeypatch.setattr(memory, "_RECIPE_DEFAULTS", {})
+    s = Settings()
+    assert (s.lora_dropout, s.lora_r, s.lora_targets, s.grad_ckpt, s.optim) == (0.1, 8, "all-linear", True, "adamw_bnb_8bit")
+
+
+def test_qwen_05b_lora_needs_less_than_full_fine_tuning_in_both_precisions(qwen_config):
+    config = load_config(qwen_config)
+    shapes = dict(seq_len=2048, batch_size=4)
+    lora = plan(qwen_config, Settings(method="lora", **shapes), config=config)
+    full = {dtype: plan(qwen_config, Settings(method="full", dtype=dtype, **shapes), config=config)
+            for dtype in ("bf16", "mixed")}
+    n = full["bf16"]["total_params"]
+    assert n == 494_032_768 and lora["trainable_params"] == 8_798_208 and lora["lora_modules"] == 168
+    assert lora["settings"]["lora_dropout"] == 0.0                     # the recipe's, not peft's old 0.05
+    assert lora["peak_bytes"] < full["bf16"]["peak_bytes"] < full["mixed"]["peak_bytes"]
+    for p in (lora, *full.values()):                                   # the steps peak, not the gradient check
+        assert p["peak_phase"] == "forward_end" and p["peak_phase"] in p["phases"]
+        assert p["peak_phase_description"].startswith("training step: forward activations + logits")
+        assert p["phases"]["check_forward_end"] < p["phases"]["forward_end"]
+    # mixed precision: fp32 master weights, fp32 gradients, fp32 AdamW states; pure bf16 has none of them
+    bf16, mixed = full["bf16"], full["mixed"]
+    assert (bf16["weights_bytes"], bf16["gradients_bytes"], bf16["optimizer_bytes"]) == (2 * n, 2 * n, 4 * n)
+    assert (mixed["weights_bytes"], mixed["gradients_bytes"], mixed["optimizer_bytes"]) == (4 * n, 4 * n, 8 * n)
+    assert bf16["master_weights_bytes"] == mixed["master_weights_bytes"] == 0   # no copy beside the weights
+    assert "no fp32 master copy" in bf16["precision"] and "fp32 master weights" in mixed["precision"]
+    # at the optimizer step the difference is exactly the master copy (4 B) + fp32 gradients (4 B) per parameter
+    # (pure bf16's 2 + 2 + 4 B against mixed's 4 + 4 + 8 B); at the peak autocast's bf16 weight copies and the
+    # fp32 residual stream come on top
+    assert mixed["phases"]["optimizer_step"] - bf16["phases"]["optimizer_step"] == 8 * n
+    assert 8 * n < mixed["peak_bytes"] - bf16["peak_bytes"] < 8 * n + 2 * n + (
+        mixed["activations_bytes"] - bf16["activations_bytes"])
+
+
+def test_a_check_outside_autocast_is_the_lora_peak_and_says_so(qwen_config, capsys):
+    """The check as common/compare.py runs it (no autocast: peft keeps an fp32 copy of every adapter input):
+    at 4 x 2048 without checkpointing it is LoRA's peak, above full bf16; the plan names that phase."""
+    config = load_config(qwen_config)
+    shapes = dict(seq_len=2048, batch_size=4)
+    plain = plan(qwen_config, Settings(method="lora", check_autocast=False, **shapes), config=config)
+    full = plan(qwen_config, Settings(method="full", check_autocast=False, **shapes), config=config)
+    assert plain["peak_phase"] == "check_forward_end" and plain["peak_bytes"] > full["peak_bytes"]
+    assert plain["peak_phase_description"].startswith("gradient check (one micro-batch before step 1, outside autocast")
+    args = ["--model", qwen_config, "--seq_len", "2048", "--batch_size", "4"]
+    assert memory.main(args + ["--check_outside_autocast"]) == 0
+    assert "peak: gradient check (one micro-batch before step 1, outside autocast" in capsys.readouterr().out
+    assert memory.main(args + ["--method", "full", "--dtype", "mixed"]) == 0
+    out = capsys.readouterr().out
+    assert "precision: mixed precision: fp32 master weights" in out and "peak: training step: forward" in out
+    assert memory.main(args + ["--compare", "--json"]) == 0
+    rows = {r["row"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert list(rows) == ["lora", "qlora", "full bf16", "full mixed"]
+    assert rows["lora"]["peak_bytes"] < rows["full bf16"]["peak_bytes"] < rows["full mixed"]["peak_bytes"]
+    assert rows["full mixed"]["dtype"] == "mixed" and rows["lora"]["peak_phase"] == "forward_end"
+    assert memory.main(args + ["--method", "qlora", "--dtype", "mixed"]) == 2
+    assert "error: --dtype mixed with --method qlora" in capsys.readouterr().err
