@@ -237,7 +237,7 @@ def _error_line(failure: RankFailure) -> str:
             name = signal.Signals(-failure.exitcode).name
         except ValueError:
             name = f"signal {-failure.exitcode}"
-        why = " (kill -9, or the kernel's out-of-memory killer: see dmesg)" if name == "SIGKILL" else ""
+        why = ": kill -9 or the kernel's out-of-memory killer, see dmesg" if name == "SIGKILL" else ""
         return f"killed by {name}{why}"
     lines = []
     if failure.log_file is not None and failure.log_file.is_file():
