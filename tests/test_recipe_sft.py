@@ -77,6 +77,7 @@ def test_adapter_reloads_and_reproduces_the_recorded_eval_loss(lora_run, tiny_di
 
     from common.collator import CausalLMCollator, tokenize_sft
     from common.data import load_dataset_file, to_messages
+    from common.evaluation import heldout_loss
 
     out, _ = lora_run
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -84,11 +85,16 @@ def test_adapter_reloads_and_reproduces_the_recorded_eval_loss(lora_run, tiny_di
     tok = AutoTokenizer.from_pretrained(out / "adapter")
     records, fmt = load_dataset_file(REPO / "data/persona/heldout.jsonl")
     feats, _ = tokenize_sft([("", to_messages(r.data, fmt), r.data) for r in records], tok, 256)
-    collate = CausalLMCollator(tok.pad_token_id)
-    with torch.no_grad():
-        losses = [model(**collate(feats[i:i + 8])).loss.item() for i in range(0, len(feats), 8)]
     recorded = json.loads((out / "metrics.json").read_text())["eval_loss_after"]
-    assert sum(losses) / len(losses) == pytest.approx(recorded, abs=1e-4)
+    # eval_loss is token-weighted over the whole set (common.evaluation.heldout_loss), not a mean of batch means
+    assert heldout_loss(model, feats, tok.pad_token_id) == pytest.approx(recorded, abs=1e-4)
+    collate = CausalLMCollator(tok.pad_token_id)
+    nll = labelled = 0
+    with torch.no_grad():
+        for batch in (collate([f]) for f in feats):  # one example at a time: its mean loss x its labelled tokens
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            nll, labelled = nll + model(**batch).loss.item() * tokens, labelled + tokens
+    assert nll / labelled == pytest.approx(recorded, abs=1e-4)
 
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
