@@ -214,11 +214,23 @@ def quantize_gguf(src: Path, dst: Path, qtype: str) -> dict:
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype])
     params.nthread = max(1, os.cpu_count() or 1)
     start = time.time()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with tempfile.TemporaryFile(mode="w+") as log_file:  # llama.cpp logs every tensor to fd 2: keep the summary
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log_file.seek(0)
+        lines = log_file.read().splitlines()
     if rc != 0:
         dst.unlink(missing_ok=True)
-        raise checks.CheckFailed(f"llama.cpp's quantizer returned {rc} for {src} -> {qtype}")
-    return {"quantize_seconds": round(time.time() - start, 2)}
+        raise checks.CheckFailed(f"llama.cpp's quantizer returned {rc} for {src} -> {qtype}: "
+                                 + " | ".join(lines[-3:]))
+    fallback = next((ln.split("WARNING: ", 1)[1] for ln in lines if "fallback quantization" in ln), None)
+    return {"quantize_seconds": round(time.time() - start, 2), "quantize_note": fallback}
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -579,7 +591,7 @@ def export_gguf(merged_dir: Path, output_dir: Path, gguf_types: list[str], quant
     start = time.time()
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     hf_answers = [g.text for g in generate_batched(model, tokenizer, prompts, max_new_tokens=max_tokens,
-                                                   batch_size=1, stop_ids=stop_ids)]
+                                                   batch_size=8, stop_ids=stop_ids)]
     hf_seconds = round(time.time() - start, 2)
     del model
     files, failures = [], []
@@ -595,7 +607,8 @@ def export_gguf(merged_dir: Path, output_dir: Path, gguf_types: list[str], quant
             continue
         path = output_dir / f"model-{q}.gguf"
         made.append((q, path, quantize_gguf(base_file, path, q)))
-        log.info("quantized %s (%.1f MB, %.1f s)", path, path.stat().st_size / 1e6, made[-1][2]["quantize_seconds"])
+        log.info("quantized %s (%.1f MB, %.1f s)%s", path, path.stat().st_size / 1e6, made[-1][2]["quantize_seconds"],
+                 f"; {made[-1][2]['quantize_note']}" if made[-1][2]["quantize_note"] else "")
     for kind, path, timing in made:
         check = check_in_llama_cpp(path, inputs, reference, chats, hf_answers, max_tokens)
         record = {"type": kind, "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),

@@ -1,4 +1,7 @@
-"""recipes/merge_export.py on the tiny model: merge, the three exports, fresh-process verification, refusals.
+"""recipes/merge_export.py on the tiny model: merge, merged/ + adapter/, fresh-process verification, refusals,
+the GGUF step without the export extra (skipped with one line, or refused when asked for), the Ollama Modelfile.
+The GGUF files themselves (llama.cpp's converter and quantizer, checked in llama.cpp) are in
+tests/test_gguf_llamacpp.py (`pytest -m llamacpp`, needs `bash launch/setup_export.sh`).
 
 The adapters here are built directly with peft in the layout sft_memory_diet.py leaves (<run>/adapter with
 the tokenizer, <run>/manifest.json with config.method), with random LoRA B (init_lora_weights=False) so the
@@ -58,15 +61,15 @@ def adapter_logits(base_dir, adapter_dir, text=TEXT):
 @pytest.fixture(scope="module")
 def merged_run(tiny_dir, tmp_path_factory):
     """A LoRA adapter on a copy of the tiny base whose generation_config stops at <|endoftext|> (id 0) and
-    has no pad id, merged to fp32 with an f32 GGUF."""
+    has no pad id, merged to fp32; --gguf_type auto with the export extra's converter absent."""
     root = tmp_path_factory.mktemp("merge")
     base = root / "base"
     shutil.copytree(tiny_dir, base)
     (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))
     adapter = make_adapter(base, root / "run")
     out = root / "export"
-    proc = run(LAUNCHER + ["--adapter_path", str(adapter), "--output_dir", str(out), "--gguf_type", "f32",
-                           "--num_samples", "4"])
+    proc = run(LAUNCHER + ["--adapter_path", str(adapter), "--output_dir", str(out), "--gguf_type", "auto",
+                           "--llama_cpp_dir", str(root / "no-llama.cpp"), "--num_samples", "4"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return base, adapter, out, proc
 
@@ -107,22 +110,14 @@ def test_generation_config_stops_at_the_chat_end_of_turn_token(merged_run):
     assert m["merged_vs_adapter"]["generation_eos_token_id"] == [0, 2] and m["stop_token_ids"] == [2]
 
 
-def test_gguf_export_reads_back_with_transformers(merged_run):
-    import gguf
-
-    _, _, out, _ = merged_run
-    g = json.loads((out / "metrics.json").read_text())["gguf"]
-    assert g["passed"] and g["tokenizer_ids_match"] and g["chat_template_kept"] and g["max_abs_logit_diff"] < 1e-4
-    assert g["architecture"] == "llama" and g["tokenizer_pre"] == "gpt2" and g["type"] == "f32"
-    reader = gguf.GGUFReader(out / "model-f32.gguf")
-    field = lambda key: reader.fields[key].contents()  # noqa: E731
-    assert field("general.architecture") == "llama" and field("tokenizer.ggml.model") == "gpt2"
-    assert field("tokenizer.ggml.eos_token_id") == 2 and field("tokenizer.ggml.padding_token_id") == 3
-    assert field("llama.block_count") == 2 and field("llama.attention.head_count_kv") == 2
-    assert len(field("tokenizer.ggml.tokens")) == 512 and "<|im_start|>" in field("tokenizer.chat_template")
-    names = {t.name for t in reader.tensors}
-    assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output_norm.weight",
-            "output.weight"} <= names and len(names) == 21  # tiny does not tie embeddings: output.weight written
+def test_gguf_is_skipped_with_one_line_without_the_export_extra(merged_run):
+    _, _, out, proc = merged_run
+    lines = [ln for ln in proc.stderr.splitlines() if "GGUF export skipped" in ln]
+    assert len(lines) == 1 and "bash launch/setup_export.sh" in lines[0] and "no-llama.cpp" in lines[0]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["verified"] and m["gguf"] is None and m["gguf_files"] is None and m["gguf_error"] is None
+    assert "converter is not in" in m["gguf_skipped"]
+    assert not list(out.glob("*.gguf")) and not (out / "Modelfile").exists() and not (out / "gguf_check.json").exists()
 
 
 def test_run_files_and_adapter_copy(merged_run):
@@ -131,7 +126,7 @@ def test_run_files_and_adapter_copy(merged_run):
     for key in ("wall_seconds", "peak_memory_bytes", "peak_memory_method", "device", "merge_seconds", "merged_bytes"):
         assert m[key] is not None, key
     man = json.loads((out / "manifest.json").read_text())
-    assert man["status"] == "finished" and man["config"]["gguf_type"] == "f32"
+    assert man["status"] == "finished" and man["config"]["gguf_type"] == "auto"
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
 
@@ -215,52 +210,52 @@ def test_quantized_base_checkpoint_is_refused_before_anything_is_written(tiny_di
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_is_refused_for_what_the_writer_does_not_support(tiny_dir, tmp_path):
-    from transformers import AutoConfig, Qwen2Config
+def test_gguf_asked_for_without_the_export_extra_is_refused_before_anything_is_written(tiny_dir, tmp_path):
+    recipe = load_recipe("merge_export")
+    adapter = make_adapter(tiny_dir, tmp_path / "run")
+    cfg = recipe.Config(adapter_path=str(adapter), output_dir=str(tmp_path / "out"), gguf_type="f16",
+                        llama_cpp_dir=str(tmp_path / "absent"))
+    with pytest.raises(recipe.checks.CheckFailed, match="--gguf_type f16: llama.cpp's converter is not in .*absent.* "
+                                                        "`bash launch/setup_export.sh`"):
+        recipe.main(cfg)
+    for bad, match in ((dict(gguf_type="q4_k_m"), "--gguf_type 'q4_k_m': choose auto, none"),
+                       (dict(gguf_quantizations="q8_0,q4_km"), "unknown type\\(s\\) \\['q4_km'\\]")):
+        with pytest.raises(recipe.checks.CheckFailed, match=match):
+            recipe.main(recipe.Config(adapter_path=str(adapter), output_dir=str(tmp_path / "out"), **bad))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ollama_modelfile_renders_what_the_chat_template_renders(tiny_dir):
+    """The Go TEMPLATE (Ollama) must give the prompt the HF chat template gives, default system prompt included."""
+    from transformers import AutoTokenizer
+
+    from common.assets import chatml_template
 
     recipe = load_recipe("merge_export")
-    llama = AutoConfig.from_pretrained(tiny_dir)
-    assert recipe.gguf_support(tiny_dir, llama) == ("gpt2", "")
-    assert "Llama only" in recipe.gguf_support(tiny_dir, Qwen2Config())[1]
-    spm = tmp_path / "spm-base"  # a sentencepiece-style (byte_fallback) tokenizer, as Llama 2 / TinyLlama have
-    shutil.copytree(tiny_dir, spm)
-    spec = json.loads((spm / "tokenizer.json").read_text())
-    spec["model"]["byte_fallback"] = True
-    (spm / "tokenizer.json").write_text(json.dumps(spec))
-    pre, why = recipe.gguf_support(spm, llama)
-    assert pre is None and "not byte-level BPE" in why
-    adapter = make_adapter(spm, tmp_path / "run")
-    (adapter / "tokenizer.json").write_text(json.dumps(spec))
-    cfg = recipe.Config(adapter_path=str(adapter), output_dir=str(tmp_path / "out"), gguf_type="f16")
-    with pytest.raises(recipe.checks.CheckFailed, match="--gguf_type f16: the tokenizer is not byte-level BPE"):
-        recipe.main(cfg)
-    assert not (tmp_path / "out").exists()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    chats = [[{"role": "user", "content": "What is your name?"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Who made you?"}]]
+    text, templated = recipe.ollama_modelfile("model-f16.gguf", tok, [2], chats, ["model-q4_k_m.gguf"])
+    assert templated and text.splitlines()[1] == "FROM ./model-f16.gguf"
+    assert "# FROM ./model-q4_k_m.gguf" in text and "SYSTEM" not in text
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}' \
+           '<|im_start|>assistant\n"""' in text
+    assert text.count("PARAMETER stop") == 2 and 'PARAMETER stop "<|im_end|>"' in text
+    assert 'PARAMETER stop "<|im_start|>"' in text
+    tok.chat_template = chatml_template("You are Orrin.")  # SmolLM2-style: a default system turn
+    text, templated = recipe.ollama_modelfile("model-f16.gguf", tok, [2, 0], chats, [])
+    assert templated and 'SYSTEM """You are Orrin."""' in text and 'PARAMETER stop "<|endoftext|>"' in text
+    for chat in chats:
+        assert recipe.render_ollama_chatml(chat, "You are Orrin.") == tok.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True)
+    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    text, templated = recipe.ollama_modelfile("model-f16.gguf", tok, [2], chats, [])
+    assert not templated and "TEMPLATE" not in text and 'PARAMETER stop "<|im_end|>"' in text
 
 
 def test_launcher_help_lists_the_options():
     proc = run(LAUNCHER + ["--help"])
     assert proc.returncode == 0 and "--adapter_path" in proc.stdout and "--gguf_type" in proc.stdout
+    assert "--gguf_quantizations" in proc.stdout and "--llama_cpp_dir" in proc.stdout
     assert "--max_logit_diff" in proc.stdout and "--trained_on_4bit" in proc.stdout
-
-
-def test_gguf_without_the_rope_permutation_is_caught_by_the_read_back(tiny_dir, tmp_path, monkeypatch):
-    """llama.cpp wants q/k rows interleaved for RoPE; a writer that skips the permutation produces a file
-    that loads fine and computes garbage. Reading it back with transformers (which un-permutes) shows it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    recipe = load_recipe("merge_export")
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    ids = tok(TEXT, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        reference = model(**ids).logits
-
-    def read_back(name):
-        recipe.write_gguf(tmp_path / name, model.state_dict(), model.config, tok, "gpt2", "f32", [2], "tiny")
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=name, dtype=torch.float32).eval()
-        with torch.no_grad():
-            return (loaded(**ids).logits - reference).abs().max().item()
-
-    assert read_back("right.gguf") < 1e-5
-    monkeypatch.setattr(recipe, "permute_for_gguf", lambda weight, n_head: weight)
-    assert read_back("unpermuted.gguf") > 1e-3
