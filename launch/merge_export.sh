@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Merge a LoRA/QLoRA adapter into its base and export it (recipes/merge_export.py): a merged HF folder
-# (vLLM/TGI), a GGUF (llama.cpp/Ollama, Llama architecture) and the adapter alone; each verified in a
-# fresh process against the adapter model.
+# (vLLM/TGI/lm-eval), the adapter alone, and with the export extra (bash launch/setup_export.sh) GGUF files
+# from llama.cpp's own converter and quantizer plus an Ollama Modelfile, each checked in llama.cpp.
 #
 #   bash launch/merge_export.sh [--key value ...]      # e.g. --adapter_path runs/my_run/adapter --output_dir runs/my_export
 #   CONFIG=my.yaml bash launch/merge_export.sh         # another config file

@@ -252,7 +252,8 @@ def check_in_llama_cpp(path: Path, inputs: dict, reference: torch.Tensor, chats:
 
     start = time.time()
     n_ctx = max(max(map(len, inputs["ids"])) + 8, 512)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+                          n_threads=max(1, os.cpu_count() or 1))
     ids_match, diffs, top1, offset = True, [], [], 0
     for text, ids in zip(inputs["texts"], inputs["ids"]):
         ids_match &= llm.tokenize(text.encode(), add_bos=False, special=True) == ids
