@@ -99,11 +99,11 @@ def test_failed_trial_is_recorded_and_the_others_finish(grid, tiny_dir):
     assert [(r["learning_rate"], r["status"], r["rank"]) for r in rows] == [(1e-3, "finished", 1), ("fast", "failed", None)]
     assert rows[0]["reused"]
     bad = rows[1]
-    assert bad["rc"] == 2 and bad["error"].endswith("error: argument --learning_rate/--learning-rate: invalid float value: 'fast'")
+    assert bad["rc"] == 2 and bad["error"].endswith("error: --learning_rate fast: not a float")
     assert bad["eval_loss_after"] is None
     record = json.loads((out / "trials" / bad["trial"] / "trial.json").read_text())
     assert record["status"] == "failed" and record["attempts"][-1]["rc"] == 2
-    assert "invalid float value" in (out / "trials" / bad["trial"] / "stderr.log").read_text()
+    assert "error: --learning_rate fast: not a float" in (out / "trials" / bad["trial"] / "stderr.log").read_text()
     assert "failed (exit 2): " in (out / "leaderboard.md").read_text()
     m = json.loads((out / "metrics.json").read_text())
     assert (m["finished"], m["failed"], m["ran"]) == (1, 1, 1)
