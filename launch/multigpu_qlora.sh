@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'
   echo
   echo "Recipe options (python recipes/sft_multigpu_qlora.py --help):"
   exec "$PY" recipes/sft_multigpu_qlora.py --help
