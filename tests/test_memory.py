@@ -100,6 +100,11 @@ def test_hand_checkable_tiny_case(tiny_config):
     rest = (4 * 64 + 4 + 8) * tokens + 2 * 32 * 16 * 2 + 4        # final norm, labels, rope cos/sin, loss
     assert p["activations_bytes"] == 2 * layer + rest + 4 * 512 * tokens == 426_756
     assert p["logits_bytes"] == 12 * 512 * tokens                  # fp32 log-softmax out + 2 gradients
+    # the recipes' LM head runs only where the next token is labelled: half the positions, half the logits
+    half = plan(tiny_config, s, labelled_fraction=0.5)
+    assert half["logits_bytes"] == 12 * 512 * tokens // 2 and half["activations_bytes"] == p["activations_bytes"] - 4 * 512 * 32
+    with pytest.raises(memory.PlanError, match="labelled_fraction 0"):
+        plan(tiny_config, s, labelled_fraction=0)
     assert plan(tiny_config, s, optim="sgd")["optimizer_bytes"] == 0
     # Adafactor: factored second moment, rows + columns: A (8,64) -> 72, B_q (64,8) -> 72, B_v (32,8) -> 40
     assert plan(tiny_config, s, optim="adafactor")["optimizer_bytes"] == 4 * 2 * (72 + 72 + 72 + 40)
@@ -305,6 +310,15 @@ def test_validation_recipe_specs_and_help():
         mv.parse_spec("name=a method=lora batch=2 seq=128 bogus=1")
     cmd = mv.recipe_command(spec, "M", Path("D"), Path("data.jsonl"), mv.Config())
     assert cmd[:2] == ["bash", "launch/memory_diet.sh"] and cmd[cmd.index("--lora_target_modules") + 1:][:2] == ["q_proj", "v_proj"]
+    # full fine-tuning runs through the repo's full-FT path, whose gradient check runs outside autocast
+    full = mv.parse_spec("name=f method=full batch=2 seq=64")
+    cmd = mv.recipe_command(full, "M", Path("D"), Path("data.jsonl"), mv.Config())
+    assert cmd[:4] == ["bash", "launch/adapter_vs_full.sh", "--methods", "full"]
+    assert mv.metrics_path(full, Path("D")) == Path("D/runs/full/metrics.json")
+    assert mv.metrics_path(spec, Path("D")) == Path("D/metrics.json")
+    p = mv.predict(full, LLAMA31, "cuda", fraction=0.5)
+    assert p["settings"]["check_autocast"] is False and p["settings"]["labelled_fraction"] == 0.5
+    assert mv.predict(spec, LLAMA31, "cuda")["settings"]["lora_dropout"] == memory.recipe_defaults()["lora_dropout"]
     with pytest.raises(SystemExit) as e:
         mv.parse_config(mv.Config, ["--help"])
     assert e.value.code == 0
