@@ -51,11 +51,39 @@ def test_launcher_trains_qlora_with_world_size_2_and_ranks_agree(two_process_run
     assert "effective batch = 4 per device x 2 accumulation x 2 ranks = 16" in proc.stderr
 
 
+def heldout_loss_of_saved_adapter(tiny_dir, adapter) -> float:
+    """The project's held-out loss (token-weighted, each example once) of the saved adapter on the run's eval set,
+    recomputed in this process on the same NF4 base."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from common.collator import tokenize_sft
+    from common.data import load_dataset_file, to_messages
+    from common.evaluation import heldout_loss
+    from common.models import load_base_model
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    records, fmt = load_dataset_file(REPO / "data/persona/heldout.jsonl")  # the config's eval set
+    feats = tokenize_sft([("", to_messages(r.data, fmt), r.data) for r in records], tok, 256)[0]
+    base = load_base_model(str(tiny_dir), torch.device("cpu"), "fp32", True, "sdpa")
+    return heldout_loss(PeftModel.from_pretrained(base, adapter), feats, tok.pad_token_id)
+
+
+def test_eval_loss_on_two_ranks_is_the_adapters_token_weighted_heldout_loss(two_process_run, tiny_dir):
+    """Trainer.evaluate on 2 ranks reported a loss 0.3-0.5 nats off the adapter's (each rank's batch loss scaled by
+    its share of the labelled tokens); the recipe now reports the whole set's token-weighted NLL."""
+    out, _ = two_process_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval_loss_after"] == pytest.approx(heldout_loss_of_saved_adapter(tiny_dir, out / "adapter"), abs=1e-4)
+
+
 def test_global_batch_stays_constant_with_one_process(tiny_dir, tmp_path):
     proc = launch(tiny_dir, tmp_path / "one", "--max_steps", "1", env={"NPROC": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert (m["world_size"], m["gradient_accumulation_steps"], m["effective_batch_size"]) == (1, 4, 16)
+    assert m["eval_loss_after"] == pytest.approx(heldout_loss_of_saved_adapter(tiny_dir, tmp_path / "one" / "adapter"),
+                                                 abs=1e-4)
 
 
 def test_two_node_rendezvous_on_localhost(tiny_dir, tmp_path):
