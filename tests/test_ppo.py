@@ -218,11 +218,13 @@ print(args.bf16, ignored, Accelerator(gradient_accumulation_steps=1, cpu=True).m
 # ---------------------------------------------------------------- frozen-model check at bf16 (CHRONICLES)
 
 def grpo_config(tiny_dir, out, **extra):
-    """The issue's command: GRPO, programmatic reward, default precision (bf16 autocast on this CPU)."""
+    """GRPO with the programmatic reward at the default precision (bf16 autocast on this CPU), 16-token answers;
+    one update of one group, the least that runs the trainer."""
     from recipes.ppo import Config
 
-    return Config(model_name_or_path=str(tiny_dir), algorithm="grpo", reward="concise", max_steps=2,
-                  response_length=16, output_dir=str(out), dataset_path=str(REPO / "data/samples/preference_chat.jsonl"),
+    return Config(model_name_or_path=str(tiny_dir), algorithm="grpo", reward="concise", max_steps=1, ppo_epochs=1,
+                  per_device_train_batch_size=4, response_length=16, output_dir=str(out),
+                  dataset_path=str(REPO / "data/samples/preference_chat.jsonl"),
                   eval_dataset_path=str(REPO / "data/samples/preference_chat.jsonl"), **extra)
 
 
