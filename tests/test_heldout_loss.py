@@ -152,6 +152,7 @@ def test_every_recipe_and_world_size_report_the_loss_evaluate_py_measures(tiny_d
         assert proc.returncode == 0, proc.stderr[-4000:]
         reported[name] = json.loads((tmp_path / name / "metrics.json").read_text())["eval_loss_after"]
         measured[name] = evaluate_py_loss(tmp_path / name / "adapter", tmp_path / f"{name}_eval")
+    print("eval_loss_after", reported, "evaluate.py", measured)  # shown with pytest -s
     for name in runs:
         assert reported[name] == pytest.approx(measured[name], abs=1e-4), (name, reported, measured)
     assert reported["multigpu_x1"] == pytest.approx(reported["multigpu_x2"], abs=1e-4), reported

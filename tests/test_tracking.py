@@ -4,12 +4,20 @@ transformers' TensorBoardCallback creates its writer at the first log; an evalua
 open `./runs/<date>_<host>` of the working directory, and every training scalar went there (CHRONICLES).
 """
 import importlib.util
+import json
 import os
+import socket
 import sys
 
 import pytest
 
 from conftest import REPO, run
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
 
 TRACKER_VARIABLES = ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "TRACKIO_DIR")
 
@@ -120,7 +128,10 @@ def test_trackio_writes_inside_the_run_directory(tiny_dir, tmp_path, clean_track
 # the recipes: run from another working directory, everything under --output_dir
 # ---------------------------------------------------------------------------------------------
 def recipe_run(name, tiny_dir, out, cwd, *extra):
-    cmd = [sys.executable, str(REPO / "recipes" / f"{name}.py"), "--config", str(REPO / f"recipes/configs/{name}.yaml"),
+    # the multi-GPU recipe always runs under torchrun (its launcher: NPROC processes, here 1)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", free_port()] \
+        if name == "sft_multigpu_qlora" else []
+    cmd = [sys.executable, *launcher, str(REPO / "recipes" / f"{name}.py"), "--config", str(REPO / f"recipes/configs/{name}.yaml"),
            "--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--report_to", "tensorboard",
            "--precision", "fp32", *extra]
     return run(cmd, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
@@ -136,8 +147,6 @@ def test_sft_recipe_with_tensorboard_writes_only_under_its_run_directory(tiny_di
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert list(cwd.iterdir()) == []
     assert [s for s, _ in scalars(out / "runs", "train/loss")] == [1, 2, 3]
-    import json
-
     m = json.loads((out / "metrics.json").read_text())
     assert [v for _, v in scalars(out / "runs", "eval/loss")] == pytest.approx(
         [m["eval_loss_before"], m["eval_loss_after"]], abs=1e-5)
