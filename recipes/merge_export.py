@@ -10,8 +10,8 @@ people deploy, and prove each export computes what the adapter computes:
                     architecture and tokenizer llama.cpp knows), its quantizer (llama_model_quantize) makes
                     model-q8_0.gguf and model-q4_k_m.gguf (--gguf_quantizations, k-quants included). Each file is
                     loaded in llama.cpp: token ids, logits against the adapter model, and greedy chat answers with
-                    the template embedded in the GGUF against the merged HF model's (f32/f16/bf16/q8_0 must answer
-                    identically; k-quants are reported) -> gguf_check.json. Modelfile: Ollama, ChatML TEMPLATE,
+                    the template embedded in the GGUF against the merged HF model's (f32/f16/bf16 must answer
+                    identically; q8_0 and k-quants are reported) -> gguf_check.json. Modelfile: Ollama, ChatML TEMPLATE,
                     stop tokens. Without the extra, --gguf_type auto skips this with one log line.
   adapter/          the adapter alone (PEFT), for multi-adapter serving (vLLM --enable-lora --lora-modules
                     name=DIR; TGI LORA_ADAPTERS) on the unmerged base.
@@ -83,8 +83,9 @@ class Config:
     trained_on_4bit: str = field(default="auto", metadata={"help": "auto | true | false: was the adapter trained on a 4-bit (QLoRA) base? auto reads the run's manifest.json next to the adapter, then the adapter's model card"})
     gguf_type: str = field(default="auto", metadata={"help": "auto | none | one or more (comma list) of f32, f16, bf16, q8_0: model-<type>.gguf from merged/ by llama.cpp's convert_hf_to_gguf.py (needs the export extra: bash launch/setup_export.sh). auto: f16 when the extra is installed, else skipped with one log line; an explicit type without the extra is an error"})
     gguf_quantizations: str = field(default="q8_0,q4_k_m", metadata={"help": "comma list made from the first --gguf_type file by llama.cpp's quantizer (llama_model_quantize): q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q4_0, q3_k_m, q2_k; empty for none"})
-    gguf_questions: int = field(default=24, metadata={"help": "questions (user turns of --sample_dataset_path) answered greedily by llama.cpp and by the merged HF model; f32/f16/bf16/q8_0 must answer identically"})
+    gguf_questions: int = field(default=24, metadata={"help": "questions (user turns of --sample_dataset_path) answered greedily by llama.cpp and by the merged HF model; f32/f16/bf16 must answer identically"})
     gguf_max_tokens: int = field(default=48, metadata={"help": "max new tokens per answer in that comparison"})
+    gguf_exact_answers: bool = field(default=True, metadata={"help": "exit 1 when an f32/f16/bf16 GGUF's greedy answers differ from the merged HF model's (false: report them only)"})
     llama_cpp_dir: str = field(default=".cache/llama.cpp", metadata={"help": "where launch/setup_export.sh put llama.cpp's convert_hf_to_gguf.py (relative to the repository)"})
     copy_adapter: bool = field(default=True, metadata={"help": "copy the adapter alone to <output_dir>/adapter for multi-adapter serving"})
     sample_dataset_path: str = field(default="data/persona/heldout.jsonl", metadata={"help": "chat/instruction data whose conversations are the verification inputs"})
@@ -168,9 +169,11 @@ QUANT_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q
                 "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
                 "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
                 "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
-# Types whose greedy llama.cpp answers must equal the merged HF model's (measured: SmolLM2-135M quickstart
-# adapter, 24/24 for f16, bf16 and q8_0). k-quants and 4-bit types change answers: their match rate is reported.
-EXACT_TYPES = {"f32", "f16", "bf16", "q8_0"}
+# Types whose greedy llama.cpp answers must equal the merged HF model's (--gguf_exact_answers). Measured on
+# SmolLM2-135M-Instruct with a small LoRA (tests/test_gguf_llamacpp.py): f16 and bf16 6/6 identical; q8_0 0/6
+# (teacher-forced top-1 agreement 0.97: its rounding flips near-ties in open-ended answers), k-quants 0/6.
+# q8_0 and the k-quants are reported, not gated.
+EXACT_TYPES = {"f32", "f16", "bf16"}
 
 
 def export_extra_missing(llama_cpp_dir: Path) -> str | None:
@@ -316,7 +319,7 @@ def ollama_modelfile(gguf_name: str, tokenizer, stop_ids: list[int], chats: list
         for c in chats)
     stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_ids) + (["<|im_start|>"] if same else [])))
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
-    lines += [f"# FROM ./{name}   (smaller; greedy answers may differ, see gguf_check.json)" for name in others]
+    lines += [f"# FROM ./{name}   (its greedy answers against the merged HF model: gguf_check.json)" for name in others]
     if same:
         lines += ['TEMPLATE """' + OLLAMA_CHATML_TEMPLATE + '"""']
         if system is not None:
@@ -538,7 +541,8 @@ def main(cfg: Config) -> dict:
     if gguf_types:
         try:
             gg, gguf_failures = export_gguf(merged_dir, output_dir, gguf_types, quantizations, llama_cpp_dir, tokenizer,
-                                            stop_ids, inputs, reference, chats, cfg.gguf_max_tokens)
+                                            stop_ids, inputs, reference, chats, cfg.gguf_max_tokens,
+                                            cfg.gguf_exact_answers)
         except checks.CheckFailed as e:
             gguf_failures = [f"GGUF: {e}"]
 
@@ -583,7 +587,7 @@ def main(cfg: Config) -> dict:
 
 def export_gguf(merged_dir: Path, output_dir: Path, gguf_types: list[str], quantizations: list[str], llama_cpp_dir: Path,
                 tokenizer, stop_ids: list[int], inputs: dict, reference: torch.Tensor, chats: list[list[dict]],
-                max_tokens: int) -> tuple[dict, list[str]]:
+                max_tokens: int, exact_answers: bool = True) -> tuple[dict, list[str]]:
     """model-<type>.gguf by llama.cpp's converter (the first type is the quantizer's source and the Modelfile's
     FROM), model-<q>.gguf by its quantizer, each loaded in llama.cpp
     and compared with the HF side; a Modelfile for Ollama; everything in <output_dir>/gguf_check.json.
@@ -615,15 +619,17 @@ def export_gguf(merged_dir: Path, output_dir: Path, gguf_types: list[str], quant
         record = {"type": kind, "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
                   **gguf_metadata(path), **timing, "exact_type": kind in EXACT_TYPES, **check}
         record["passed"] = bool(check["tokenizer_ids_match"] and (kind not in EXACT_TYPES or check["answers_match_rate"] == 1.0))
+        record["gated"] = kind in EXACT_TYPES and exact_answers
         files.append(record)
         log.info("llama.cpp on %s: %d/%d greedy answers equal to merged HF, top-1 agreement %.4f, max |logit diff| "
                  "%.3g", path.name, sum(a["match"] for a in check["answers"]), len(chats), check["top1_agreement"],
                  check["max_abs_logit_diff"])
         if not check["tokenizer_ids_match"]:
             failures.append(f"GGUF {path.name}: llama.cpp's tokenizer gives different token ids than the HF tokenizer")
-        if kind in EXACT_TYPES and check["answers_match_rate"] < 1.0:
+        if record["gated"] and check["answers_match_rate"] < 1.0:
             failures.append(f"GGUF {path.name}: llama.cpp's greedy answers equal the merged HF model's on only "
-                            f"{check['answers_match_rate']:.0%} of {len(chats)} questions (expected all for {kind})")
+                            f"{check['answers_match_rate']:.0%} of {len(chats)} questions (expected all for {kind}; "
+                            "--gguf_exact_answers false reports them without failing)")
     modelfile, templated = ollama_modelfile(base_file.name, tokenizer, stop_ids, chats,
                                             [p.name for _, p, _ in made[1:]])
     (output_dir / "Modelfile").write_text(modelfile)
