@@ -2,6 +2,7 @@
 held-out loss; where experiment trackers write (`keep_tracking_in_run_dir`, every recipe with --report_to)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ class TokenCountingTrainer(Trainer):
     common.evaluation.heldout_loss: the token-weighted NLL over every labelled token of the eval set, each
     example once, whatever the batch size, the training sampler or the number of ranks (all ranks call it;
     each scores its share and the sums are all-reduced). It is logged like the Trainer's own (log_history,
-    trackers, on_evaluate) and is the same number recipes/evaluate.py reports for the saved adapter.
+    trackers, on_evaluate) and is the number recipes/evaluate.py reports for the saved adapter at the same
+    precision.
 
     Two speed-ups, each off with its attribute (tests/test_fast_path.py checks both give the same loss and
     gradients as the plain path):
@@ -116,7 +118,8 @@ def labelled_logits_inputs(inputs: dict) -> dict:
 
 TRACKER_DIRS = {"tensorboard": ("TENSORBOARD_LOGGING_DIR", "runs"), "mlflow": ("MLFLOW_TRACKING_URI", "mlruns"),
                 "trackio": ("TRACKIO_DIR", "trackio")}
-_set_here: dict[str, str] = {}  # the values this module put into os.environ (a later run may replace them)
+OWNED_VARIABLE = "FT_TRACKER_DIRS_SET"  # the values a recipe put there (JSON), so a later run, in this process or
+# a child (a sweep's trials, torchrun's ranks), tells them from a value the user set
 
 
 def keep_tracking_in_run_dir(output_dir, report_to) -> dict[str, str]:
@@ -135,6 +138,7 @@ def keep_tracking_in_run_dir(output_dir, report_to) -> dict[str, str]:
     names = [n.strip() for part in names for n in part.split(",") if n.strip()]
     if "all" in names:
         names = list(TRACKER_DIRS)
+    owned = json.loads(os.environ.get(OWNED_VARIABLE) or "{}")
     where = {}
     for name in names:
         if name not in TRACKER_DIRS:
@@ -142,11 +146,12 @@ def keep_tracking_in_run_dir(output_dir, report_to) -> dict[str, str]:
         var, folder = TRACKER_DIRS[name]
         value = str((Path(output_dir) / folder).resolve())
         value = f"file:{value}" if name == "mlflow" else value
-        if var in os.environ and os.environ[var] != _set_here.get(var):
+        if var in os.environ and os.environ[var] != owned.get(var):
             where[name] = os.environ[var]  # the user's choice
             continue
-        os.environ[var] = _set_here[var] = value
+        os.environ[var] = owned[var] = value
         where[name] = value
+    os.environ[OWNED_VARIABLE] = json.dumps(owned)
     return where
 
 

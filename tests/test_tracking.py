@@ -19,7 +19,7 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-TRACKER_VARIABLES = ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "TRACKIO_DIR")
+TRACKER_VARIABLES = ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "TRACKIO_DIR", "FT_TRACKER_DIRS_SET")
 
 
 @pytest.fixture
@@ -107,6 +107,10 @@ def test_a_tracker_folder_the_user_chose_is_kept(tmp_path, clean_tracking_env, m
     assert where["tensorboard"] == str((tmp_path / "b" / "runs").resolve()) == os.environ["TENSORBOARD_LOGGING_DIR"]
     assert where["trackio"] == "/somewhere/of/theirs"
     assert keep_tracking_in_run_dir(tmp_path / "c", "none") == {}
+    # a child process (a sweep's trial, a torchrun rank) inherits the variables and still moves them along
+    child = run([sys.executable, "-c", "from common.trainer import keep_tracking_in_run_dir as k; "
+                 f"print(k({str(tmp_path / 'd')!r}, 'tensorboard')['tensorboard'])"], cwd=REPO)
+    assert child.stdout.strip() == str((tmp_path / "d" / "runs").resolve()), child.stderr[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed in this environment")
