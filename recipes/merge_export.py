@@ -254,7 +254,7 @@ def check_in_llama_cpp(path: Path, inputs: dict, reference: torch.Tensor, chats:
     import llama_cpp
 
     start = time.time()
-    n_ctx = max(max(map(len, inputs["ids"])) + 8, 512)
+    n_ctx = max(max(map(len, inputs["ids"])) + max_tokens + 64, 1024)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
                           n_threads=max(1, os.cpu_count() or 1))
     ids_match, diffs, top1, offset = True, [], [], 0
@@ -543,7 +543,7 @@ def main(cfg: Config) -> dict:
             gg, gguf_failures = export_gguf(merged_dir, output_dir, gguf_types, quantizations, llama_cpp_dir, tokenizer,
                                             stop_ids, inputs, reference, chats, cfg.gguf_max_tokens,
                                             cfg.gguf_exact_answers)
-        except checks.CheckFailed as e:
+        except (checks.CheckFailed, ValueError, RuntimeError) as e:  # llama_cpp.Llama raises ValueError on a refused file
             gguf_failures = [f"GGUF: {e}"]
 
     metrics = {
