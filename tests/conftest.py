@@ -40,6 +40,18 @@ def tiny_tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Model loading raises: a recipe check that ran after the model load fails the test."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model loaded: the check ran after the model load")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
 def run(cmd, cwd=REPO, env=None, timeout=600):
     """Run a command, return CompletedProcess with text output (never raises on non-zero)."""
     full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))

@@ -255,17 +255,6 @@ def finished_run(out):
     (out / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("model loaded: the check ran after the model load")
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
-        monkeypatch.setattr(cls, "from_pretrained", refuse)
-
-
 @pytest.mark.parametrize("output_dir_state", ["finished run", "absent"])
 @pytest.mark.parametrize("case", RECIPE_CASES)
 def test_recipe_fails_before_the_model_with_one_line(case, output_dir_state, tiny_dir, tokenizers, tmp_path,

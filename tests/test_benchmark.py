@@ -128,6 +128,7 @@ def test_matmul_peak_probe_returns_flops_per_second():
         assert bm.matmul_peak(dtype, 64, 2, torch.device("cpu")) > 0
 
 
+@pytest.mark.slow  # ~20-30 s on 2 cores; the default suite keeps under 15 minutes
 def test_random_init_model_from_a_config_with_qlora(tiny_dir, tmp_path):
     """The GPU path (--model_config: random weights, nothing downloaded) exercised on CPU with the tiny config."""
     out = tmp_path / "from_config"

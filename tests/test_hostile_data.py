@@ -110,17 +110,6 @@ def test_preference_records_are_checked_by_where(tiny_tokenizer):
 # ---------------------------------------------------------------- recipes as __main__, no model load
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("model loaded: the check ran after the model load")
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
-        monkeypatch.setattr(cls, "from_pretrained", refuse)
-
-
 def recipe_error(script, argv, out, monkeypatch, capsys, code=1):
     """Run a recipe as __main__ (its real argument parsing and error handling); return its one error line."""
     monkeypatch.chdir(REPO)

@@ -19,6 +19,7 @@ def rows(out):
     return {r["name"]: r for r in json.loads((out / "memory_ladder.json").read_text())["rows"]}
 
 
+@pytest.mark.slow  # ~20-30 s on 2 cores; the default suite keeps under 15 minutes
 def test_a_failing_rung_is_a_row_with_its_error_and_the_ladder_goes_on(tiny_dir, tmp_path):
     """DeepSpeed hidden from the rung processes (sys.modules['deepspeed'] = None at interpreter start, so
     transformers/accelerate see it as not installed): the ZeRO rung fails with a clear error, the rungs

@@ -86,6 +86,7 @@ def test_global_batch_stays_constant_with_one_process(tiny_dir, tmp_path):
                                                  abs=1e-4)
 
 
+@pytest.mark.slow  # ~20-30 s on 2 cores; the default suite keeps under 15 minutes
 def test_two_node_rendezvous_on_localhost(tiny_dir, tmp_path):
     """Two launcher invocations (one process each) form one job; both ranks report the same loss."""
     port = free_port()
