@@ -151,6 +151,8 @@ def keep_tracking_in_run_dir(output_dir, report_to) -> dict[str, str]:
             continue
         os.environ[var] = owned[var] = value
         where[name] = value
+        if name == "mlflow":  # mlflow 3.18 refuses a file: store unless opted in; mlflow-skinny has no sqlite store
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     os.environ[OWNED_VARIABLE] = json.dumps(owned)
     return where
 

@@ -19,7 +19,8 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-TRACKER_VARIABLES = ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "TRACKIO_DIR", "FT_TRACKER_DIRS_SET")
+TRACKER_VARIABLES = ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "TRACKIO_DIR",
+                     "FT_TRACKER_DIRS_SET")
 
 
 @pytest.fixture
