@@ -41,7 +41,8 @@ from transformers import AutoTokenizer, set_seed  # noqa: E402
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import CheckpointValidator, NonFiniteGuard, RunError, explain_disk_full, prepare_output_dir  # noqa: E402
+from common.checkpoints import (CheckpointValidator, NonFiniteGuard, RunError, RunSegments, explain_disk_full,  # noqa: E402
+                                prepare_output_dir)
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, check_control_tokens, check_format_option, split_eval  # noqa: E402
 from common.evaluation import generate_replies  # noqa: E402
@@ -286,8 +287,11 @@ def main(cfg: Config) -> dict:
         report_to=cfg.report_to, save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
         dataloader_num_workers=0, disable_tqdm=True)
     keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
+    # figures of the segments before a resume travel in the checkpoints: metrics.json covers the whole run
+    segments = RunSegments(resume_from, counters=("trained_tokens",))
     trainer = build_trainer(cfg, model, ref_model, tokenizer, train_records, common_args, peft_config,
-                            [CheckpointValidator(), NonFiniteGuard()])
+                            [CheckpointValidator(segments=segments), NonFiniteGuard()])
+    segments.bind(trainer)
     policy = trainer.model
     lora_modules = checks.check_lora_targets(policy, peft_config.target_modules if isinstance(peft_config.target_modules, str)
                                              else sorted(peft_config.target_modules)) if peft_config else 0
@@ -299,6 +303,7 @@ def main(cfg: Config) -> dict:
     # ---- train -----------------------------------------------------------------------------------
     with explain_disk_full(output_dir, trainer):
         train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    whole = segments.finish(train_result)  # every segment of the run, not only this process's
 
     # ---- after: held-out figures; the reference must not have moved ------------------------------
     end_logps = completion_logps(policy, eval_pairs, tokenizer.pad_token_id, bf16)
@@ -327,18 +332,18 @@ def main(cfg: Config) -> dict:
                                                      "before": before_replies, "after": after_replies})
 
     # ---- metrics, manifest, plot -----------------------------------------------------------------
-    train_seconds = train_result.metrics["train_runtime"]
+    train_seconds = whole["train_seconds"]
     wall = time.time() - wall_start
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
-    trained_tokens = trainer.trained_tokens
+    trained_tokens = whole["trained_tokens"]
     world = trainer.args.world_size
     metrics = {
         "recipe": RECIPE, "algorithm": cfg.algorithm, "method": cfg.method, "model": model_path,
         "device": device_name(device), "device_type": device.type, "world_size": world, "precision": precision,
         "beta": cfg.beta, "loss_type": cfg.loss_type if cfg.algorithm != "orpo" else None,
         "reference": reference_held, "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
-        "final_train_loss": train_losses[-1] if train_losses else None, "mean_train_loss": train_result.training_loss,
+        "final_train_loss": train_losses[-1] if train_losses else None, "mean_train_loss": whole["mean_train_loss"],
         **{f"heldout_{k}_before": v for k, v in before.items()}, **{f"heldout_{k}_after": v for k, v in after.items()},
         "heldout_pairs": len(eval_pairs), "train_pairs": len(train_records),
         "reference_logps_max_abs_change": ref_change,
@@ -347,6 +352,7 @@ def main(cfg: Config) -> dict:
         "tokens_per_second": round(trained_tokens / train_seconds, 2),
         "trainable_params": trainable, "total_params": total, "lora_modules": lora_modules,
         "effective_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+        "segments": whole["segments"], "segments_complete": whole["segments_complete"],
         "train_log": [{k: v for k, v in h.items() if k in ("step", "loss", "rewards/accuracies", "rewards/margins", "kl")}
                       for h in history if "loss" in h],
         **memory.report(), **estimated_cost(wall, cfg.hourly_price_usd, world),

@@ -32,7 +32,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import CheckpointValidator, NonFiniteGuard, RunError, explain_disk_full, prepare_output_dir  # noqa: E402
+from common.checkpoints import (CheckpointValidator, NonFiniteGuard, RunError, RunSegments, explain_disk_full,  # noqa: E402
+                                prepare_output_dir)
 from common.config import parse_config  # noqa: E402
 from common.data import DataError, check_control_tokens, check_format_option, split_eval  # noqa: E402
 from common.models import resolve_precision  # noqa: E402
@@ -170,12 +171,16 @@ def main(cfg: Config) -> dict:
         dataloader_num_workers=0, disable_tqdm=True,
     )
     keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
+    # figures of the segments before a resume travel in the checkpoints: metrics.json covers the whole run
+    segments = RunSegments(resume_from, counters=("_total_train_tokens",))  # TRL's count, of this process only
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_features),
-                            processing_class=tokenizer, callbacks=[CheckpointValidator(), NonFiniteGuard()])
+                            processing_class=tokenizer, callbacks=[CheckpointValidator(segments=segments), NonFiniteGuard()])
+    segments.bind(trainer)
     if len(trainer.train_dataset) != len(train_features):
         raise checks.CheckFailed(f"TRL kept {len(trainer.train_dataset)} of {len(train_features)} training pairs")
     with explain_disk_full(output_dir, trainer):
         train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    whole = segments.finish(train_result)  # every segment of the run, not only this process's
 
     # ---- after: held-out accuracy, save ------------------------------------------------------------
     after = pairwise_eval(model, tokenizer, eval_records, autocast_bf16=bf16)
@@ -184,15 +189,15 @@ def main(cfg: Config) -> dict:
     tokenizer.save_pretrained(artifact)  # with the pad token the head was trained with
 
     # ---- metrics, manifest, plot -----------------------------------------------------------------
-    train_seconds = train_result.metrics["train_runtime"]
+    train_seconds = whole["train_seconds"]
     wall = time.time() - wall_start
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
-    trained_tokens = trainer._total_train_tokens
+    trained_tokens = whole["_total_train_tokens"]
     metrics = {
         "recipe": RECIPE, "method": cfg.method, "model": model_path, "device": device_name(device),
         "device_type": device.type, "world_size": args.world_size, "precision": precision,
-        "final_train_loss": train_losses[-1] if train_losses else None, "mean_train_loss": train_result.training_loss,
+        "final_train_loss": train_losses[-1] if train_losses else None, "mean_train_loss": whole["mean_train_loss"],
         "train_accuracy_last_log": next((h["accuracy"] for h in reversed(history) if "accuracy" in h), None),
         "heldout_accuracy_before": before["accuracy"], "heldout_accuracy_after": after["accuracy"],
         "heldout_margin_before": before["margin"], "heldout_margin_after": after["margin"],
@@ -206,6 +211,7 @@ def main(cfg: Config) -> dict:
         "trainable_params": trainable, "total_params": total, "lora_modules": lora_modules,
         "effective_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * args.world_size,
         "pad_token": tokenizer.pad_token, "pad_token_changed": pad_note, "artifact": str(artifact),
+        "segments": whole["segments"], "segments_complete": whole["segments_complete"],
         **memory.report(), **estimated_cost(wall, cfg.hourly_price_usd, args.world_size),
     }
     plot_loss(history, output_dir / "loss.png", f"reward model ({cfg.method}) on {Path(model_path).name}")
