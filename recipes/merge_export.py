@@ -179,11 +179,12 @@ EXACT_TYPES = {"f32", "f16", "bf16"}
 def export_extra_missing(llama_cpp_dir: Path) -> str | None:
     """None when the export extra is installed (llama_cpp imports and the converter is in llama_cpp_dir),
     else what is missing."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed"
+    missing = []
     if not (llama_cpp_dir / "convert_hf_to_gguf.py").is_file():
-        return f"llama.cpp's converter is not in {llama_cpp_dir}"
-    return None
+        missing.append(f"llama.cpp's converter is not in {llama_cpp_dir}")
+    if importlib.util.find_spec("llama_cpp") is None:
+        missing.append("llama-cpp-python is not installed")
+    return " and ".join(missing) or None
 
 
 def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, llama_cpp_dir: Path) -> dict:
