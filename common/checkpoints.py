@@ -207,6 +207,8 @@ class CheckpointValidator(TrainerCallback):
         self.segments = segments
 
     def on_save(self, args, state, control, **kwargs):
+        if self.segments is not None:
+            self.segments.sync_counters()  # every rank: a collective when the counters are summed over ranks
         if not state.is_world_process_zero:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -561,8 +563,11 @@ class RunSegments(TrainerCallback):
         whole = segments.finish(result)   # {"segments": [...], "optimizer_steps", "train_seconds", ...}
     """
 
-    def __init__(self, resume_from: Path | str | None = None, counters: tuple[str, ...] = ()):
+    def __init__(self, resume_from: Path | str | None = None, counters: tuple[str, ...] = (),
+                 across_ranks: bool = False):
         self.counters = tuple(counters)
+        self.across_ranks = across_ranks  # counters are per rank: segments carry their sums over all ranks
+        self.counts: dict[str, int] = {}
         self.previous: list[dict] = []
         self.complete = True  # False when resumed from a checkpoint that carries no segments
         if resume_from:
@@ -584,9 +589,20 @@ class RunSegments(TrainerCallback):
     def _current(self, end_step: int, seconds: float, loss_sum: float) -> dict:
         seg = {"start_step": self.start_step, "end_step": end_step, "train_seconds": round(seconds, 3),
                "train_cpu_seconds": round(time.process_time() - self.cpu0, 3), "loss_sum": loss_sum}
-        for name in self.counters:
-            seg[name] = int(getattr(self.trainer, name, 0) or 0)
+        seg.update(self.counts if self.across_ranks else self._local_counts())
         return seg
+
+    def _local_counts(self) -> dict[str, int]:
+        return {name: int(getattr(self.trainer, name, 0) or 0) for name in self.counters}
+
+    def sync_counters(self) -> None:
+        """With across_ranks, sum the counters over all ranks; every rank must call it (CheckpointValidator.on_save
+        and finish() do)."""
+        if self.across_ranks and self.trainer is not None:
+            from common.distributed import gather
+
+            per_rank = gather(self._local_counts())
+            self.counts = {name: sum(r[name] for r in per_rank) for name in self.counters}
 
     def write(self, path: Path, state) -> None:
         """Called by CheckpointValidator.on_save before it hashes the checkpoint."""
@@ -599,7 +615,8 @@ class RunSegments(TrainerCallback):
         (path / SEGMENTS_FILE).write_text(json.dumps({"segments": self.previous + [seg]}, indent=2))
 
     def finish(self, train_result) -> dict:
-        """Totals over all segments, after trainer.train() returned."""
+        """Totals over all segments, after trainer.train() returned (on every rank when across_ranks)."""
+        self.sync_counters()
         steps_now = self.trainer.state.global_step - self.start_step
         last = self._current(self.trainer.state.global_step, train_result.metrics["train_runtime"],
                              train_result.training_loss * steps_now)

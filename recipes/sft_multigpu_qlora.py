@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
+from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
 
 from common import checks  # noqa: E402
 from common import distributed as ddp  # noqa: E402
@@ -50,23 +50,6 @@ LAUNCH_CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "configs"
 SHARDING = {"ddp": {}, "fsdp": {"fsdp": "full_shard auto_wrap", "fsdp_config": str(LAUNCH_CONFIGS / "fsdp2.json")},
             "zero2": {"deepspeed": str(LAUNCH_CONFIGS / "ds_zero2.json")},
             "zero3": {"deepspeed": str(LAUNCH_CONFIGS / "ds_zero3_offload.json")}}
-TOKEN_COUNTERS = ("trained_tokens", "trained_labelled_tokens", "trained_positions")  # TokenCountingTrainer's, per rank
-
-
-class AllRankTokens(TrainerCallback):
-    """Sets `<counter>_all_ranks` on the trainer: its TOKEN_COUNTERS summed over all ranks. Runs on every rank
-    at each save, before CheckpointValidator (rank 0 only) writes segments.json from them, and once after train()."""
-    trainer = None
-
-    def sum_over_ranks(self):
-        per_rank = ddp.gather({c: int(getattr(self.trainer, c, 0) or 0) for c in TOKEN_COUNTERS})
-        for c in TOKEN_COUNTERS:
-            setattr(self.trainer, f"{c}_all_ranks", sum(r[c] for r in per_rank))
-
-    def on_save(self, args, state, control, **kwargs):
-        self.sum_over_ranks()
-
-
 @dataclass
 class Config:
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "hub id, local dir, or asset:tiny / asset:smollm2"})
@@ -195,14 +178,13 @@ def main(cfg: Config) -> dict | None:
              cfg.per_device_train_batch_size, accumulation, rank.world_size, effective)
     preempted = SaveOnSignal()  # SIGTERM/SIGINT: save after this step, stop, exit 75 (rerun resumes)
     keep_tracking_in_run_dir(output_dir, cfg.report_to)  # tensorboard/mlflow/trackio files inside the run
-    # figures of the segments before a resume travel in the checkpoints: metrics.json covers the whole run.
-    # Only rank 0 writes segments.json, so its counters are the sums over all ranks (AllRankTokens)
-    segments = RunSegments(resume_from, counters=tuple(f"{c}_all_ranks" for c in TOKEN_COUNTERS))
-    all_ranks = AllRankTokens()
+    # figures of the segments before a resume travel in the checkpoints: metrics.json covers the whole run,
+    # its token counts summed over the ranks
+    segments = RunSegments(resume_from, counters=("trained_tokens", "trained_labelled_tokens", "trained_positions"),
+                           across_ranks=True)
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=features, eval_dataset=eval_features or None,
                                    data_collator=collator, processing_class=tokenizer,
-                                   callbacks=[all_ranks, CheckpointValidator(segments=segments), preempted, NonFiniteGuard()])
-    all_ranks.trainer = trainer
+                                   callbacks=[CheckpointValidator(segments=segments), preempted, NonFiniteGuard()])
     segments.bind(trainer)
     # eval_loss: token-weighted NLL of the whole eval set over all ranks (common.evaluation.heldout_loss)
     before = trainer.evaluate()["eval_loss"] if eval_features and not guard else None
@@ -216,8 +198,7 @@ def main(cfg: Config) -> dict | None:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)
     after = trainer.evaluate()["eval_loss"] if eval_features else None
-    all_ranks.sum_over_ranks()  # every rank: a collective
-    whole = segments.finish(result)  # every segment of the run, not only this process's
+    whole = segments.finish(result)  # every segment of the run, every rank (a collective)
 
     # ---- replicas agree? --------------------------------------------------------------------------------
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -233,7 +214,7 @@ def main(cfg: Config) -> dict | None:
 
     # ---- rank 0 writes the run ----------------------------------------------------------------------
     train_seconds = whole["train_seconds"]
-    trained_tokens = whole["trained_tokens_all_ranks"]  # this segment's per_rank figures summed, + earlier segments
+    trained_tokens = whole["trained_tokens"]  # all ranks, all segments
     metrics = {
         "recipe": RECIPE, "method": cfg.method, "sharding": cfg.sharding, "model": model_path,
         "device": device_name(rank.device), "device_type": rank.device.type, "world_size": rank.world_size,
@@ -241,8 +222,8 @@ def main(cfg: Config) -> dict | None:
         "final_train_loss": losses[-1] if losses else None, "mean_train_loss": whole["mean_train_loss"],
         "eval_loss_before": before, "eval_loss_after": after,
         "optimizer_steps": trainer.state.global_step, "trained_tokens": trained_tokens,
-        "trained_labelled_tokens": whole["trained_labelled_tokens_all_ranks"],
-        "trained_positions": whole["trained_positions_all_ranks"],
+        "trained_labelled_tokens": whole["trained_labelled_tokens"],
+        "trained_positions": whole["trained_positions"],
         "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": round(trained_tokens / train_seconds, 2), "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.time() - wall_start, 2), "trainable_params": trainable, "total_params": total,

@@ -68,13 +68,13 @@ def test_reward_model_resumed_metrics_cover_both_segments(tiny_dir, tmp_path):
 
 def test_multigpu_qlora_resumed_metrics_cover_both_segments(tiny_dir, tmp_path):
     """Under torchrun with one process (the recipe's gloo TrainingArguments need a launcher): each rank's counters
-    are its own; the `_all_ranks` sums are what segments.json and metrics.json carry."""
+    are its own; segments.json and metrics.json carry the sums over ranks."""
     driver = tmp_path / "twice.py"
     driver.write_text(TWICE)
     a, b = run_twice("sft_multigpu_qlora", tiny_dir, tmp_path / "mg", launch=(
         "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", free_port(), str(driver)))
     seg = b["segments"][1]
-    assert 0 < seg["trained_tokens_all_ranks"] < a["trained_tokens"]
-    assert seg["trained_tokens_all_ranks"] == sum(r["trained_tokens"] for r in b["per_rank"])  # this segment's ranks
+    assert 0 < seg["trained_tokens"] < a["trained_tokens"]
+    assert seg["trained_tokens"] == sum(r["trained_tokens"] for r in b["per_rank"])  # this segment's ranks
     for key in ("trained_labelled_tokens", "trained_positions"):
         assert b[key] == a[key] > 0
