@@ -30,7 +30,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import platform
 import random
 import shlex
