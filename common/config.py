@@ -198,10 +198,23 @@ _TYPE_WORDS = {"int": "not an int", "float": "not a float", "string_to_bool": "n
 
 class _Parser(HfArgumentParser):
     """HfArgumentParser whose errors are one line (`error: --learning_rate abc: not a float`), not the
-    whole usage text with the useful line last. Bounds in field metadata are for check_values, not argparse."""
+    whole usage text with the useful line last. Bounds in field metadata are for check_values, not argparse.
+    With several dataclasses, a field is added once: the recipe's own dataclass (first) shadows a library
+    field of the same name, and `hidden` library fields (set by the recipe from its own option) are left out."""
 
-    @staticmethod
-    def _parse_dataclass_field(parser, field: dataclasses.Field):
+    def __init__(self, dataclass_types, hidden=(), **kwargs):
+        self._taken, self._hidden = set(), set(hidden)
+        super().__init__(dataclass_types, **kwargs)
+
+    def _add_dataclass_arguments(self, dtype):
+        if len(self.dataclass_types) > 1:  # --help groups the recipe's options apart from the library's
+            dtype = type(dtype.__name__, (dtype,), {"_argument_group_name": f"{dtype.__name__} options"})
+        super()._add_dataclass_arguments(dtype)
+
+    def _parse_dataclass_field(self, parser, field: dataclasses.Field):
+        if field.name in self._taken or field.name in self._hidden:
+            return
+        self._taken.add(field.name)
         field = copy.copy(field)
         field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k not in _OUR_METADATA})
         HfArgumentParser._parse_dataclass_field(parser, field)
@@ -284,12 +297,37 @@ def _cli_values(argv: list[str], fields: dict) -> dict[str, str]:
     return given
 
 
+# Library fields a recipe sets from one of its own options, when its dataclass has that option: `--precision auto`
+# picks bf16/fp16 for the hardware and `--device` picks use_cpu, so the library's flags would only disagree with them.
+SET_BY_RECIPE = {"bf16": "precision", "fp16": "precision", "use_cpu": "device",
+                 "activation_checkpointing": "gradient_checkpointing"}
+# What a library config gets unless the YAML or the command line says otherwise.
+LIBRARY_DEFAULTS = {"report_to": "none", "logging_first_step": True}
+
+
+def _is_library(cls) -> bool:
+    return any(c.__module__.split(".")[0] in ("transformers", "trl") for c in cls.__mro__)
+
+
 def parse_config(cls, argv: list[str] | None = None, default_config: str | Path | None = None):
     """Build `cls` from `--config FILE` (default: `default_config`, else the recipe's own
-    recipes/configs/<name>.yaml when it exists) and CLI flags; CLI wins. Exit 2 with one line on any error."""
+    recipes/configs/<name>.yaml when it exists) and CLI flags; CLI wins. Exit 2 with one line on any error.
+
+    `cls` may be a tuple: the recipe's own dataclass first, then library configs (TrainingArguments,
+    DPOConfig, ...), parsed together from one YAML and one command line; a tuple of instances is returned.
+    A field of the recipe's dataclass shadows a library field of the same name (the recipe sets the library's
+    from it), and so do the SET_BY_RECIPE fields. A library config's output_dir defaults to runs/<recipe file
+    name>; it is built for the CPU (use_cpu, no bf16/fp16) until the recipe has chosen the device and precision."""
+    classes = tuple(cls) if isinstance(cls, tuple) else (cls,)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    own = {f.name for f in dataclasses.fields(classes[0])}
+    hidden = {name for name, by in SET_BY_RECIPE.items() if by in own} if len(classes) > 1 else set()
+    fields, owner, hints = {}, {}, {}
+    for c in classes:
+        c_hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if f.init and f.name not in fields and f.name not in hidden:
+                fields[f.name], owner[f.name], hints[f.name] = f, c, c_hints[f.name]
     wants_help = any(a in ("-h", "--help") for a in argv)
 
     config_path = None
@@ -300,16 +338,22 @@ def parse_config(cls, argv: list[str] | None = None, default_config: str | Path 
             config_path = arg.split("=", 1)[1]
     implicit = config_path is None
     if implicit:
-        default_config = default_config or default_config_path(cls)
+        default_config = default_config or default_config_path(classes[0])
         config_path = str(default_config) if default_config else None
     shown = _display(config_path) if config_path else None
 
     # allow_abbrev=False: argparse would otherwise take `--max_len 9` as --max_length and `--resum false` as
     # --resume, silently, while the same typo in the YAML is an error.
-    parser = _Parser(cls, allow_abbrev=False)
+    parser = _Parser(list(classes), hidden=hidden, allow_abbrev=False)
     parser.add_argument("--config", default=shown if implicit else None,
                         help="YAML file with defaults for any option below (CLI flags override it); without it, "
                              "the recipe's own recipes/configs/<name>.yaml")
+    file = recipe_file(classes[0])
+    library_defaults = {}
+    for name, value in {**LIBRARY_DEFAULTS, "output_dir": f"runs/{file.stem}" if file else None}.items():
+        if name in fields and _is_library(owner[name]) and value is not None:
+            library_defaults[name] = value
+    parser.set_defaults(**library_defaults)
     values: dict = {}
     if config_path:
         try:
@@ -322,21 +366,23 @@ def parse_config(cls, argv: list[str] | None = None, default_config: str | Path 
             parser.set_defaults(**values)
             if wants_help:
                 parser.epilog = f"Defaults shown: {shown} where it sets an option, else the recipe's dataclass."
-    elif wants_help:
-        file = recipe_file(cls)
-        if file is not None:
-            parser.epilog = (f"Defaults shown: the dataclass in {_display(file)} (there is no "
-                             f"{_display(file.parent / 'configs' / (file.stem + '.yaml'))}).")
+    elif wants_help and file is not None:
+        parser.epilog = (f"Defaults shown: the dataclass in {_display(file)} (there is no "
+                         f"{_display(file.parent / 'configs' / (file.stem + '.yaml'))}).")
 
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
-        close = difflib.get_close_matches(flag.lstrip("-").split("=")[0], fields, n=1)
+        name = flag.lstrip("-").split("=")[0]
+        if name in hidden:
+            _fail(f"{flag}: this recipe sets it from --{SET_BY_RECIPE[name]}; `--help` lists the valid options")
+        close = difflib.get_close_matches(name, fields, n=1)
         hint = f" (did you mean --{close[0]}?)" if close else ""
         _fail(f"unknown option {flag!r}{hint}; `--help` lists the valid options")
     kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
     for k, v in kwargs.items():  # `--eval_dataset_path null` on the command line means None, as in YAML
-        if isinstance(v, str) and v.lower() in ("null", "none") and _type_ok(None, hints[k]):
+        nulls = ("null",) if _is_library(owner[k]) else ("null", "none")  # report_to: none is a value there
+        if isinstance(v, str) and v.lower() in nulls and _type_ok(None, hints[k]):
             kwargs[k] = None
 
     cli = _cli_values(argv, fields)
@@ -348,11 +394,38 @@ def parse_config(cls, argv: list[str] | None = None, default_config: str | Path 
             return ("yaml", shown if implicit else config_path, _yaml_line(Path(config_path), name))
         return None
 
-    try:
-        check_values(cls, kwargs, where)
-    except ConfigError as e:
-        _fail(str(e))
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        _fail(str(e))
+    built = []
+    for c in classes:
+        mine = {k: v for k, v in kwargs.items() if owner[k] is c}
+        try:
+            check_values(c, mine, where)
+        except ConfigError as e:
+            _fail(str(e))
+        if hidden and _is_library(c):  # the recipe sets these once it knows the device (Run.library_args)
+            mine.update({k: v for k, v in (("use_cpu", True), ("bf16", False), ("fp16", False))
+                         if k in {f.name for f in dataclasses.fields(c)} and k in hidden})
+        try:
+            built.append(c(**mine))
+        except (TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            _fail(f"{c.__name__}: {first}" if _is_library(c) else str(e))
+    return tuple(built) if isinstance(cls, tuple) else built[0]
+
+
+def options_set_by_user(cls, argv: list[str] | None = None) -> set[str]:
+    """The options given in the --config YAML (or the recipe's own YAML when there is no --config) or as
+    --flags: what the user pinned, as opposed to defaults a recipe may still decide for itself."""
+    classes = tuple(cls) if isinstance(cls, tuple) else (cls,)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names, config = set(), None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            if name == "config":
+                config = value or (argv[i + 1] if i + 1 < len(argv) else None)
+            else:
+                names.add(name)
+    config = config or default_config_path(classes[0])
+    if config:
+        names |= set(yaml.safe_load(Path(config).read_text()) or {})
+    return names

@@ -1,0 +1,127 @@
+"""Fast by default: what packing, gradient checkpointing, micro-batch and kernels an SFT run uses.
+
+- plan_memory: common.memory's planner decides gradient checkpointing (when `auto`) and the micro-batch /
+  accumulation split (when the user pinned neither), against the memory the run may use; nothing that
+  fits means the run stops before the model loads.
+- resolve_packing: padding-free packed micro-batches only where the attention implementation is verified to
+  keep packed examples apart (the recipe also measures it on its own model before step 1).
+- resolve_liger: Liger's Triton kernels on CUDA when installed.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from common import checks
+from common.memory import GB, PlanError, Settings, load_config, recommend
+
+log = logging.getLogger(__name__)
+AUTO_TRUE_FALSE = ("auto", "true", "false")
+BATCH_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def memory_budget_bytes(budget_gb: float | None, device: torch.device) -> tuple[int, str]:
+    """The memory a run may use, and where that figure came from."""
+    if budget_gb is not None:
+        return int(budget_gb * GB), "--memory_budget_gb"
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]), "free GPU memory (torch.cuda.mem_get_info)"
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kib = int(meminfo["MemAvailable"].split()[0]) + int(status["VmRSS"].split()[0])  # the plan counts this process
+    return kib * 1024, "MemAvailable (/proc/meminfo) + this process's RSS"
+
+
+def plan_memory(cfg, device: torch.device, precision: str, optim: str, model_path: str, batch_pinned: bool,
+                micro_batch: int, accumulation: int) -> dict:
+    """common.memory.recommend for this run. It decides gradient checkpointing when it is auto, and the
+    micro-batch / accumulation when the user pinned neither; method, optimizer, LoRA and max_length stay
+    as given. With something to decide and nothing that fits, the run stops here, before the model loads."""
+    if cfg.gradient_checkpointing not in AUTO_TRUE_FALSE:
+        raise checks.CheckFailed(f"--gradient_checkpointing {cfg.gradient_checkpointing!r}: choose auto, true or false")
+    budget, source = memory_budget_bytes(cfg.memory_budget_gb, device)
+    given = {"gradient_checkpointing": cfg.gradient_checkpointing == "true",
+             "per_device_train_batch_size": micro_batch, "gradient_accumulation_steps": accumulation}
+    decides = (["gradient_checkpointing"] if cfg.gradient_checkpointing == "auto" else []) + \
+              ([] if batch_pinned else list(BATCH_OPTIONS))
+    pinned = ("optim", "method") + (("grad_ckpt",) if cfg.gradient_checkpointing != "auto" else ()) + \
+             (("batch_size",) if batch_pinned else ())
+    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else ",".join(cfg.lora_target_modules)
+    settings = Settings(method=cfg.method, lora_r=cfg.lora_r, lora_targets=targets, lora_dropout=cfg.lora_dropout,
+                        seq_len=cfg.max_length, batch_size=micro_batch,
+                        gradient_accumulation_steps=accumulation, optim=optim, dtype=precision,
+                        grad_ckpt=given["gradient_checkpointing"], device=device.type)
+    out = {"budget_gb": round(budget / GB, 2), "budget_source": source, "decided_by_planner": decides}
+    try:
+        rec = recommend(model_path, budget, settings, config=load_config(model_path), pinned=pinned)
+    except (PlanError, OSError, ValueError) as e:
+        log.warning("memory planner cannot plan this run (%s): gradient checkpointing %s, batch as given", e,
+                    "off" if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing)
+        return {**out, **given, "fits": None, "reason": f"planner error: {e}"}
+    if not rec["fits"]:
+        if decides:
+            raise checks.CheckFailed(f"memory plan: {rec['reason']} (the recipe keeps --method {cfg.method} and "
+                                     f"--optim {optim}; --method qlora or --optim adamw_bnb_8bit need less)")
+        log.warning("memory plan: %s Running the pinned settings anyway.", rec["reason"])
+        return {**out, **given, "fits": False, "reason": rec["reason"]}
+    chosen = rec["settings"]
+    result = {**out, "fits": True, "gradient_checkpointing": chosen["grad_ckpt"],
+              "per_device_train_batch_size": chosen["batch_size"],
+              "gradient_accumulation_steps": chosen["gradient_accumulation_steps"],
+              "required_gb": round(rec["plan"]["required_bytes"] / GB, 2), "reason": rec["reason"]}
+    log.info("memory plan (%s: %.1f GiB; planner decides %s): gradient checkpointing %s, micro-batch %d x %d "
+             "accumulation. %s", source, budget / GB, ", ".join(decides) or "nothing, all pinned",
+             "on" if result["gradient_checkpointing"] else "off", result["per_device_train_batch_size"],
+             result["gradient_accumulation_steps"], rec["reason"])
+    return result
+
+
+PACKING_LEAK_TOLERANCE = 1e-3  # isolated: exactly 0 (tests/test_packing.py); a leak: ~0.3 (tiny) to ~25 (SmolLM2)
+
+
+def resolve_liger(requested: str, device: torch.device) -> bool:
+    """Liger kernels (fused RMSNorm/RoPE/SwiGLU/linear+cross-entropy, Triton) on CUDA when installed."""
+    import importlib.util
+
+    if requested not in AUTO_TRUE_FALSE:
+        raise checks.CheckFailed(f"--use_liger_kernel {requested!r}: choose auto, true or false")
+    if requested == "false":
+        return False
+    if device.type != "cuda":
+        if requested == "true":
+            raise checks.CheckFailed("--use_liger_kernel true: Liger's kernels are Triton GPU kernels and need CUDA; "
+                                     "use auto or false on CPU")
+        log.info("Liger kernels skipped: they need CUDA (this run is on %s)", device.type)
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        if requested == "true":
+            raise checks.CheckFailed("--use_liger_kernel true but liger_kernel is not installed (pip install liger-kernel)")
+        log.info("liger_kernel is not installed: no Liger kernels (pip install liger-kernel)")
+        return False
+    log.info("Liger kernels on (liger_kernel installed, CUDA)")
+    return True
+
+
+def packing_supported(attn: str, device: torch.device) -> bool:
+    """Attention implementations whose packed-sequence masking is verified: sdpa and eager build a
+    block-diagonal mask from restarting position_ids (tests/test_packing.py checks it numerically on CPU),
+    flash-attn uses varlen cu_seqlens (CUDA). The run also measures it on its own model before step 1."""
+    return attn in ("sdpa", "eager", "sdpa_packed") or (device.type == "cuda" and attn in ("flash_attention_2", "flash_attention_3"))
+
+
+def resolve_packing(requested: str, attn: str, device: torch.device) -> bool:
+    if requested not in AUTO_TRUE_FALSE:
+        raise checks.CheckFailed(f"--packing {requested!r}: choose auto, true or false")
+    if requested == "false":
+        return False
+    if packing_supported(attn, device):
+        return True
+    if requested == "true":
+        raise checks.CheckFailed(f"--packing true with attn_implementation {attn} on {device.type}: not verified to keep "
+                                 "packed examples apart, so they could attend to each other. Use --attn_implementation "
+                                 "sdpa or eager (flash_attention_2 on CUDA), or --packing false")
+    log.info("packing auto: %s on %s is not verified to keep packed examples apart; using length-grouped padded "
+             "batches", attn, device.type)
+    return False
