@@ -1,35 +1,17 @@
 #!/usr/bin/env bash
-# Full fine-tuning vs LoRA vs bottleneck adapters vs QLoRA (recipes/adapter_vs_full.py), one process per method.
+# Full fine-tuning vs LoRA vs bottleneck adapters vs QLoRA (harnesses/adapter_vs_full.py), one process per method.
 #
-#   bash launch/adapter_vs_full.sh [--key value ...]      # extra flags go to the recipe and override the config
+#   bash launch/adapter_vs_full.sh [--key value ...]      # extra flags go to the harness and override the config
 #   CONFIG=my.yaml bash launch/adapter_vs_full.sh         # another config file
 #   PYTHON=/path/to/python bash launch/adapter_vs_full.sh # another interpreter (default: .venv/bin/python from
 #                                                         # launch/setup_env.sh, else python on PATH)
 #
 # Single device: every method runs on the first GPU, or on the CPU when there is none.
+# Started under torchrun (WORLD_SIZE above 1) it refuses: exit 2.
 # Exit code: 0 when every method finished, 1 when one failed (the table is written anyway, with its
 # error) or a check failed, 2 for a bad option.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-
-PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-  echo
-  echo "Recipe options (python recipes/adapter_vs_full.py --help):"
-  exec "$PY" recipes/adapter_vs_full.py --help
-fi
-if [[ -n "${WORLD_SIZE:-}" && "${WORLD_SIZE}" != "1" ]]; then
-  echo "adapter_vs_full.sh: WORLD_SIZE=${WORLD_SIZE} but this recipe is single-device" >&2
-  exit 2
-fi
-if [[ "${CUDA_VISIBLE_DEVICES:-}" == *,* ]]; then
-  echo "adapter_vs_full.sh: CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES} lists several GPUs; this recipe uses only the first" >&2
-fi
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}   # never wait on a model hub; asset:* models are built locally
-export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-
-CONFIG=${CONFIG:-recipes/configs/adapter_vs_full.yaml}
-cmd=("$PY" recipes/adapter_vs_full.py --config "$CONFIG" "$@")
-echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+source "$(dirname "$0")/lib.sh"
+help_if_asked harnesses/adapter_vs_full.py "$@"
+one_process "this harness is single-device"
+first_gpu_only
+run "$PY" harnesses/adapter_vs_full.py --config "${CONFIG:-harnesses/configs/adapter_vs_full.yaml}" "$@"

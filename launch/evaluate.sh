@@ -6,26 +6,9 @@
 #   CONFIG=my.yaml bash launch/evaluate.sh         # another config file
 #   PYTHON=/path/to/python bash launch/evaluate.sh # another interpreter (default: .venv/bin/python, else python)
 #
+# Started under torchrun (WORLD_SIZE above 1) it refuses: exit 2.
 # Exit code: the recipe's (0 ok, 1 a check or data error with its message, 2 a bad option).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-
-PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
-  echo
-  echo "Recipe options (python recipes/evaluate.py --help):"
-  exec "$PY" recipes/evaluate.py --help
-fi
-
-CONFIG=${CONFIG:-recipes/configs/evaluate.yaml}
-if [[ -n "${WORLD_SIZE:-}" && "${WORLD_SIZE}" != "1" ]]; then
-  echo "evaluate.sh: WORLD_SIZE=${WORLD_SIZE} but evaluation runs in one process" >&2
-  exit 2
-fi
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}   # never wait on a model hub; asset:* models are built locally
-export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-
-cmd=("$PY" recipes/evaluate.py --config "$CONFIG" "$@")
-echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+source "$(dirname "$0")/lib.sh"
+help_if_asked recipes/evaluate.py "$@"
+one_process "evaluation runs in one process"
+run "$PY" recipes/evaluate.py --config "${CONFIG:-recipes/configs/evaluate.yaml}" "$@"

@@ -3,36 +3,15 @@
 #
 #   bash launch/reward_model.sh [--key value ...]      # extra flags go to the recipe and override the config
 #   CONFIG=my.yaml bash launch/reward_model.sh         # another config file
-#   PYTHON=/path/to/python bash launch/reward_model.sh # another interpreter (default: .venv/bin/python
-#                                  from launch/setup_env.sh, else python on PATH)
+#   PYTHON=/path/to/python bash launch/reward_model.sh # another interpreter (default: .venv/bin/python from
+#                                                      # launch/setup_env.sh, else python on PATH)
 #
 # Failure modes it catches before the recipe starts:
 #   - more than one process: this recipe is single-device
 #   - CUDA_VISIBLE_DEVICES listing several GPUs: only the first is used; it says so
 # Exit code: the recipe's (0 ok, 1 a check or data error with its message, 2 a bad option).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
-  echo
-  echo "Recipe options (python recipes/reward_model.py --help):"
-  PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
-  exec "$PY" recipes/reward_model.py --help
-fi
-
-PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || command -v python || command -v python3)}
-CONFIG=${CONFIG:-recipes/configs/reward_model.yaml}
-if [[ -n "${WORLD_SIZE:-}" && "${WORLD_SIZE}" != "1" ]]; then
-  echo "reward_model.sh: WORLD_SIZE=${WORLD_SIZE} but this recipe is single-device" >&2
-  exit 2
-fi
-if [[ "${CUDA_VISIBLE_DEVICES:-}" == *,* ]]; then
-  echo "reward_model.sh: CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES} lists several GPUs; this recipe uses only the first" >&2
-fi
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}   # never wait on a model hub; asset:* models are built locally
-export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-
-cmd=("$PY" recipes/reward_model.py --config "$CONFIG" "$@")
-echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+source "$(dirname "$0")/lib.sh"
+help_if_asked recipes/reward_model.py "$@"
+one_process "this recipe is single-device"
+first_gpu_only
+run "$PY" recipes/reward_model.py --config "${CONFIG:-recipes/configs/reward_model.yaml}" "$@"
