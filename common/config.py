@@ -141,6 +141,15 @@ def _short_help(f: dataclasses.Field) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# Short names for library fields in error lines (TrainingArguments' own help texts are paragraphs).
+LIBRARY_HELP = {"learning_rate": "peak learning rate", "per_device_train_batch_size": "micro-batch size",
+                "gradient_accumulation_steps": "micro-batches per optimizer step", "max_steps": "optimizer steps",
+                "num_train_epochs": "epochs", "save_steps": "checkpoint every N optimizer steps", "warmup_steps": "warmup",
+                "seed": "random seed", "logging_steps": "log every N optimizer steps", "eval_steps": "evaluate every N steps",
+                "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping",
+                "save_total_limit": "keep at most N checkpoints", "max_length": "tokens per example"}
+
+
 def check_values(cls, values: dict, where) -> None:
     """Every field of `cls` in range, else ConfigError naming the option, its value, where it was set and
     the range. `where(name)` says where a value came from: ("cli", raw text) / ("yaml", path, line) / None."""
@@ -151,7 +160,8 @@ def check_values(cls, values: dict, where) -> None:
         problem = _out_of_bounds(values[f.name], rule, values)
         if problem is None:
             continue
-        notes = [n for n in (_short_help(f), rule.get("why")) if n]
+        own_help = LIBRARY_HELP.get(f.name) if _is_library(cls) else None
+        notes = [n for n in (own_help or _short_help(f), rule.get("why")) if n]
         note = f" ({'; '.join(dict.fromkeys(notes))})" if notes else ""
         source = where(f.name)
         if source and source[0] == "cli":
