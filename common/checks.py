@@ -22,7 +22,7 @@ class CheckFailed(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The input-grad fix (seed 000, episodes 10-13)
+# The input-grad fix: LoRA + gradient checkpointing with frozen embeddings gets no gradient
 # ---------------------------------------------------------------------------------------------
 def enable_input_grads(model):
     """Make the input-embedding output require grad, so checkpointed blocks keep a graph.

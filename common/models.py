@@ -57,7 +57,7 @@ def tune_cpu_allocator() -> bool:
     this repo's 2-core CPU: a bf16->fp32 cast of SmolLM2's logits went from 45 to 8 ms, an MLP activation
     cast from 1.5 to 0.15 ms (`python -m common.models`). `mallopt`: large blocks from the heap too
     (M_MMAP_MAX=0), freed memory never handed back (M_TRIM_THRESHOLD=-1), growth in 256 MiB steps. The cost:
-    freed blocks are reused rather than returned, so fragmentation can raise the peak RSS (CHRONICLES 49).
+    freed blocks are reused rather than returned, so fragmentation can raise the peak RSS.
     Returns False (and changes nothing) where libc is not glibc.
     """
     import ctypes

@@ -54,7 +54,7 @@ def pinned_versions(requirements: Path = REPO_ROOT / "requirements.txt") -> dict
 
 
 def version_drift(requirements: Path = REPO_ROOT / "requirements.txt") -> list[str]:
-    """Installed packages whose version differs from requirements.txt (seed 000: version drift)."""
+    """Installed packages whose version differs from requirements.txt."""
     drift = []
     for name, want in pinned_versions(requirements).items():
         try:

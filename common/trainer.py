@@ -15,7 +15,7 @@ class TokenCountingTrainer(Trainer):
     """Counts the tokens of the batches it actually trains on (non-pad and labelled), per process.
 
     The collator cannot: accelerate's dataloader collates one batch ahead to detect the last one,
-    so a run stopped by max_steps collates a batch it never trains (CHRONICLES entry 15).
+    so a run stopped by max_steps collates a batch it never trains.
     Padding-free (packed) batches have no attention_mask and no padding: every position is a token.
     `trained_positions` counts every position fed to the model, padding included, so
     1 - trained_tokens / trained_positions is the padding fraction.
@@ -208,3 +208,24 @@ class StepProfiler(TrainerCallback):
                   for e in by_shape[:30]]
         Path(self.path).write_text("\n".join(lines) + "\n")
         self.prof, self.done = None, True
+
+
+TOKEN_MASK_KEYS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")  # SFT/DPO/KTO; ORPO
+
+
+class CountTokens:
+    """Mixin for any Trainer (TRL's included): `trained_tokens` counts the non-pad tokens of the batches it
+    trains on, summed over every attention mask in the batch (prompt + response, chosen and rejected). Not
+    the collator (the dataloader collates one batch ahead) and not `num_input_tokens_seen` (ORPO batches
+    have no `input_ids`, so the Trainer counts 0 there)."""
+
+    trained_tokens = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.trained_tokens += sum(int(inputs[k].sum()) for k in TOKEN_MASK_KEYS if torch.is_tensor(inputs.get(k)))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def counting_tokens(trainer_cls):
+    """`trainer_cls` with CountTokens mixed in (same name, so logs and errors read as TRL's)."""
+    return type(trainer_cls.__name__, (CountTokens, trainer_cls), {})

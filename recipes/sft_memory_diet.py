@@ -115,10 +115,10 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     allocator_tuned = device.type == "cpu" and tune_cpu_allocator()
     if packing:
         collator = PaddingFreeCollator(flash_attn_kwargs=attn.startswith("flash_attention"))
-    optim = str(getattr(args.optim, "value", args.optim))
+    optim = requested_optim = str(getattr(args.optim, "value", args.optim))
     if device.type == "cpu" and optim.startswith("paged_"):
         optim = optim.replace("paged_", "", 1)
-        run.log.info("paged optimizers page GPU memory to the CPU; on CPU %s runs as %s", args.optim, optim)
+        run.log.info("paged optimizers page GPU memory to the CPU; on CPU %s runs as %s", requested_optim, optim)
     batch_pinned = user_options is None or bool(user_options & set(BATCH_OPTIONS))
     plan = plan_memory(cfg, device, precision, optim, model_path, batch_pinned,
                        args.per_device_train_batch_size, args.gradient_accumulation_steps)
@@ -206,8 +206,8 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     if resume_from and before_file.is_file():
         before = json.loads(before_file.read_text())
     elif quantized_on_cpu:
-        run.log.info("QLoRA on CPU: no evaluation before training (an eval-mode forward would repack the 4-bit "
-                     "weights and corrupt later gradients); it runs after training")
+        run.log.info("QLoRA on CPU: no evaluation or generation before training (an eval-mode forward would repack "
+                     "the 4-bit weights and corrupt later gradients); both run after training")
         before = {}
     else:
         before = scores()
