@@ -231,45 +231,23 @@ def recipe_config():
         spec.loader.exec_module(module)
     finally:
         sys.modules.pop(spec.name, None)
-    return module.CONFIGS
-
-
-class Merged:
-    """The recipe's Config and TrainingArguments as one namespace (a recipe's options are the union)."""
-
-    def __init__(self, parsed):
-        self.parts = parsed if isinstance(parsed, tuple) else (parsed,)
-
-    def __getattr__(self, name):
-        for part in self.parts:
-            if name in {f.name for f in fields(part)}:
-                return getattr(part, name)
-        raise AttributeError(name)
-
-
-def parse(classes, argv):
-    return Merged(parse_config(classes, argv))
-
-
-def as_value(v):
-    return getattr(v, "value", v)
+    return module.Config
 
 
 def test_recipe_yaml_loads_exactly(recipe_config):
     raw = yaml.safe_load(RECIPE_YAML.read_text())
-    cfg = parse(recipe_config, ["--config", str(RECIPE_YAML)])
-    assert {k: as_value(getattr(cfg, k)) for k in raw if k != "report_to"} == {k: v for k, v in raw.items() if k != "report_to"}
-    assert cfg.report_to == []  # TrainingArguments' spelling of `none`
-    own, _ = recipe_config
-    resolved, defaults = asdict(cfg.parts[0]), asdict(own())
+    cfg = parse_config(recipe_config, ["--config", str(RECIPE_YAML)])
+    resolved = asdict(cfg)
+    assert {k: resolved[k] for k in raw} == raw
+    defaults = asdict(recipe_config())
     assert {k: v for k, v in resolved.items() if k not in raw} == {k: v for k, v in defaults.items() if k not in raw}
     assert type(cfg.num_train_epochs) is float  # YAML says 8
 
 
 def test_recipe_cli_overrides(recipe_config):
-    cfg = parse(recipe_config, ["--config", str(RECIPE_YAML), "--learning_rate", "5e-4",
-                                "--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "true",
-                                "--resume", "false", "--save_total_limit", "2", "--eval_dataset_path", "x.jsonl"])
+    cfg = parse_config(recipe_config, ["--config", str(RECIPE_YAML), "--learning_rate", "5e-4",
+                                       "--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "true",
+                                       "--resume", "false", "--save_total_limit", "2", "--eval_dataset_path", "x.jsonl"])
     assert (cfg.learning_rate, cfg.lora_target_modules, cfg.gradient_checkpointing, cfg.resume,
             cfg.save_total_limit, cfg.eval_dataset_path) == (5e-4, ["q_proj", "v_proj"], "true", False, 2, "x.jsonl")
     assert cfg.per_device_train_batch_size == 4  # still from the YAML
@@ -309,7 +287,7 @@ def test_recipe_help_lists_every_option(recipe_config, monkeypatch, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: sft_memory_diet.py")
-    for f in fields(recipe_config[0]):
+    for f in fields(recipe_config):
         assert f"--{f.name} " in out or f"--{f.name}\n" in out, f"--{f.name} missing from --help"
     assert "--config CONFIG" in out
 
@@ -370,14 +348,14 @@ def test_out_of_range_value_is_one_line_exit_2(recipe_config, capsys, argv, line
 
 
 def test_epochs_may_be_anything_when_max_steps_is_set(recipe_config):
-    assert parse(recipe_config, ["--num_train_epochs", "0", "--max_steps", "3"]).max_steps == 3
+    assert parse_config(recipe_config, ["--num_train_epochs", "0", "--max_steps", "3"]).max_steps == 3
 
 
 def test_out_of_range_value_in_yaml_names_file_line_and_the_flag(recipe_config, tmp_path, capsys):
     path = write(tmp_path, "max_steps: 4\n# the rank\nlora_r: 0      # too small\n")
     assert fails(capsys, recipe_config, ["--config", str(path)]) == (
         f"error: {path}:3: lora_r: 0 must be >= 1 (LoRA rank); fix it there or override it with --lora_r\n")
-    assert parse(recipe_config, ["--config", str(path), "--lora_r", "8"]).lora_r == 8  # the CLI wins
+    assert parse_config(recipe_config, ["--config", str(path), "--lora_r", "8"]).lora_r == 8  # the CLI wins
 
 
 @dataclass
@@ -458,16 +436,15 @@ def test_every_recipe_without_config_runs_its_yaml_and_checks_values(every_recip
     the dataclass defaults are within bounds, and each recipe refuses a bad value of the shared options."""
     checked = 0
     for name, module in every_recipe.items():
-        classes = getattr(module, "CONFIGS", module.Config)
-        implicit = parse_config(classes, [])
+        implicit = parse_config(module.Config, [])
         yaml_file = REPO / "recipes" / "configs" / f"{name}.yaml"
         if yaml_file.is_file():
-            assert implicit == parse_config(classes, ["--config", str(yaml_file)]), name
-        names = {f.name for c in (classes if isinstance(classes, tuple) else (classes,)) for f in fields(c)}
+            assert implicit == parse_config(module.Config, ["--config", str(yaml_file)]), name
+        names = {f.name for f in fields(module.Config)}
         for option, bad in (("learning_rate", "-1"), ("lora_r", "0"), ("per_device_train_batch_size", "0"),
                             ("gradient_accumulation_steps", "0"), ("max_length", "8")):
             if option in names:
-                err = fails(capsys, classes, [f"--{option}", bad])
+                err = fails(capsys, module.Config, [f"--{option}", bad])
                 assert err.startswith(f"error: --{option} {bad}: must be ") and err.count("\n") == 1, (name, err)
                 checked += 1
     assert checked >= 30
@@ -484,7 +461,7 @@ def test_help_shows_the_yaml_defaults_that_will_run(monkeypatch, capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert raw["learning_rate"] == 1e-3
-    assert "The initial learning rate for the optimizer. (default: 0.001)" in out  # TrainingArguments own help
+    assert "peak learning rate (default: 0.001)" in out
     assert f"(default: {raw['lora_target_modules']})" in out and "(default: 8.0)" in out
     assert "Defaults shown: recipes/configs/sft_memory_diet.yaml where it sets an option" in out
 
@@ -507,10 +484,10 @@ def test_a_copied_recipe_takes_its_name_from_the_file(tmp_path, monkeypatch, cap
     try:
         module = load_recipe(copy, "my_run_under_test")
         assert module.RECIPE == "my_run"
-        assert parse(module.CONFIGS, []).output_dir == "runs/my_run"  # no configs/my_run.yaml: dataclass
-        assert parse(module.CONFIGS, ["--config", str(RECIPE_YAML)]).output_dir == "runs/my_run"
+        assert parse_config(module.Config, []).output_dir == "runs/my_run"  # no configs/my_run.yaml: dataclass
+        assert parse_config(module.Config, ["--config", str(RECIPE_YAML)]).output_dir == "runs/my_run"
         with pytest.raises(SystemExit):
-            parse_config(module.CONFIGS, ["--help"])
+            parse_config(module.Config, ["--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert "(default: runs/my_run)" in out and "there is no" in out and "my_run.yaml" in out
     finally:
