@@ -114,7 +114,7 @@ ZERO_INIT_PAIRS = ((".lora_A.", ".lora_B."), (".adapter_down.", ".adapter_up."))
 def _structurally_zero(name: str, params: dict[str, torch.nn.Parameter]) -> bool:
     """lora_A's gradient is exactly zero while its lora_B is still all zeros (LoRA's init); the same for
     a bottleneck adapter's down-projection (weight and bias) while its up-projection weight is zero
-    (common.adapters)."""
+    (harnesses.adapters)."""
     for first, second in ZERO_INIT_PAIRS:
         if first in name:
             b = params.get(name.replace(first, second).rsplit(".", 1)[0] + ".weight")

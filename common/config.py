@@ -258,8 +258,8 @@ def _load_yaml(path: Path, shown: str, fields: dict, hints: dict) -> dict:
         raise ConfigError(f"{shown}: must be a mapping of option: value")
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest_option(key, fields)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(f"{shown}: unknown key {key!r}{hint}; `--help` lists the valid options")
         if hints[key] is str and isinstance(value, bool):
             value = values[key] = "true" if value else "false"  # `packing: true` for an auto|true|false option
@@ -319,6 +319,64 @@ def _is_library(cls) -> bool:
     return any(c.__module__.split(".")[0] in ("transformers", "trl") for c in cls.__mro__)
 
 
+def closest_option(name: str, fields) -> str | None:
+    """The option a typo most likely meant: among difflib's close matches, the longest shared prefix
+    (so `lora_rank` suggests `lora_r`, not TrainingArguments' `local_rank`)."""
+    close = difflib.get_close_matches(str(name), list(fields), n=3)
+    if not close:
+        return None
+    return max(close, key=lambda c: (len(os.path.commonprefix([c, str(name)])), -close.index(c)))
+
+
+def _option_fields(classes: tuple) -> tuple[dict, dict, dict, set]:
+    """The options of `classes` by name: field, owning class, type hint; and the SET_BY_RECIPE names hidden."""
+    own = {f.name for f in dataclasses.fields(classes[0])}
+    hidden = {name for name, by in SET_BY_RECIPE.items() if by in own} if len(classes) > 1 else set()
+    fields, owner, hints = {}, {}, {}
+    for c in classes:
+        c_hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if f.init and f.name not in fields and f.name not in hidden:
+                fields[f.name], owner[f.name], hints[f.name] = f, c, c_hints[f.name]
+    return fields, owner, hints, hidden
+
+
+def option_defaults(cls) -> dict[str, object]:
+    """Every option a recipe accepts (its CONFIGS, as parse_config sees them) and its dataclass default."""
+    classes = tuple(cls) if isinstance(cls, tuple) else (cls,)
+    fields, owner, _, _ = _option_fields(classes)
+    out = {}
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            out[name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[name] = f.default_factory()
+        else:
+            out[name] = None
+        if _is_library(owner[name]) and name in LIBRARY_DEFAULTS:
+            out[name] = LIBRARY_DEFAULTS[name]
+    return out
+
+
+def load_recipe(path: str | Path):
+    """Import a recipe file as a module (for its CONFIGS and main) without running it."""
+    import importlib.util
+
+    path = Path(path).resolve()
+    name = f"_recipe_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def parse_config(cls, argv: list[str] | None = None, default_config: str | Path | None = None):
     """Build `cls` from `--config FILE` (default: `default_config`, else the recipe's own
     recipes/configs/<name>.yaml when it exists) and CLI flags; CLI wins. Exit 2 with one line on any error.
@@ -330,14 +388,7 @@ def parse_config(cls, argv: list[str] | None = None, default_config: str | Path 
     name>; it is built for the CPU (use_cpu, no bf16/fp16) until the recipe has chosen the device and precision."""
     classes = tuple(cls) if isinstance(cls, tuple) else (cls,)
     argv = list(sys.argv[1:] if argv is None else argv)
-    own = {f.name for f in dataclasses.fields(classes[0])}
-    hidden = {name for name, by in SET_BY_RECIPE.items() if by in own} if len(classes) > 1 else set()
-    fields, owner, hints = {}, {}, {}
-    for c in classes:
-        c_hints = typing.get_type_hints(c)
-        for f in dataclasses.fields(c):
-            if f.init and f.name not in fields and f.name not in hidden:
-                fields[f.name], owner[f.name], hints[f.name] = f, c, c_hints[f.name]
+    fields, owner, hints, hidden = _option_fields(classes)
     wants_help = any(a in ("-h", "--help") for a in argv)
 
     config_path = None
@@ -386,8 +437,8 @@ def parse_config(cls, argv: list[str] | None = None, default_config: str | Path 
         name = flag.lstrip("-").split("=")[0]
         if name in hidden:
             _fail(f"{flag}: this recipe sets it from --{SET_BY_RECIPE[name]}; `--help` lists the valid options")
-        close = difflib.get_close_matches(name, fields, n=1)
-        hint = f" (did you mean --{close[0]}?)" if close else ""
+        close = closest_option(name, fields)
+        hint = f" (did you mean --{close}?)" if close else ""
         _fail(f"unknown option {flag!r}{hint}; `--help` lists the valid options")
     kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
     for k, v in kwargs.items():  # `--eval_dataset_path null` on the command line means None, as in YAML

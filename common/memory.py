@@ -46,7 +46,7 @@ allocated) and for the one-batch gradient check the recipes run before step 1
 (common.checks.check_gradient_flow on the first micro-batch, before the optimizer has states).
 recipes/sft_memory_diet.py runs that check like a training step (the same autocast, peft's input cast
 off, the LM head on labelled positions), so it is never the peak there; `--check_outside_autocast`
-plans a check run outside autocast (common/compare.py, sft_multigpu_qlora.py), where peft casts every
+plans a check run outside autocast (harnesses/compare.py, sft_multigpu_qlora.py), where peft casts every
 adapter input to fp32 and LoRA without checkpointing can need more than full fine-tuning.
 The training steps run with peft's input cast off under autocast (common.trainer.TokenCountingTrainer,
 `--peft_input_cast` for a plain peft + Trainer run). Logits are planned at every position (an upper
@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no_gradient_check", action="store_true",
                     help="the run skips the recipes' one-batch gradient check before step 1")
     ap.add_argument("--check_outside_autocast", action="store_true",
-                    help="the gradient check runs outside autocast with peft's fp32 input cast (common/compare.py, "
+                    help="the gradient check runs outside autocast with peft's fp32 input cast (harnesses/compare.py, "
                          "sft_multigpu_qlora.py); default: like a training step, as recipes/sft_memory_diet.py runs it")
     ap.add_argument("--peft_input_cast", action="store_true",
                     help="training steps keep peft's cast of adapter inputs to fp32 (a plain Trainer; the recipes' "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Full fine-tuning vs LoRA vs bottleneck adapters vs QLoRA (recipes/adapter_vs_full.py), one process per method.
+# Full fine-tuning vs LoRA vs bottleneck adapters vs QLoRA (harnesses/adapter_vs_full.py), one process per method.
 #
 #   bash launch/adapter_vs_full.sh [--key value ...]      # extra flags go to the harness and override the config
 #   CONFIG=my.yaml bash launch/adapter_vs_full.sh         # another config file
@@ -11,7 +11,7 @@
 # Exit code: 0 when every method finished, 1 when one failed (the table is written anyway, with its
 # error) or a check failed, 2 for a bad option.
 source "$(dirname "$0")/lib.sh"
-help_if_asked recipes/adapter_vs_full.py "$@"
+help_if_asked harnesses/adapter_vs_full.py "$@"
 one_process "this harness is single-device"
 first_gpu_only
-run "$PY" recipes/adapter_vs_full.py --config "${CONFIG:-recipes/configs/adapter_vs_full.yaml}" "$@"
+run "$PY" harnesses/adapter_vs_full.py --config "${CONFIG:-harnesses/configs/adapter_vs_full.yaml}" "$@"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Performance benchmark (recipes/benchmark.py): the SFT recipe against a plain TRL SFTTrainer script, and MFU.
+# Performance benchmark (harnesses/benchmark.py): the SFT recipe against a plain TRL SFTTrainer script, and MFU.
 #
 #   bash launch/benchmark.sh [--key value ...]       # extra flags go to the benchmark and override the config
-#   CONFIG=recipes/configs/benchmark_llama8b_gpu.yaml bash launch/benchmark.sh   # on an H100/H200
+#   CONFIG=harnesses/configs/benchmark_llama8b_gpu.yaml bash launch/benchmark.sh   # on an H100/H200
 #   PYTHON=/path/to/python bash launch/benchmark.sh  # another interpreter (default: .venv/bin/python from
 #                                                    # launch/setup_env.sh, else python on PATH)
 #
@@ -11,6 +11,6 @@
 # Started under torchrun (WORLD_SIZE above 1) it refuses: exit 2.
 # Exit code: 0 ok, 1 a check failed or a contestant failed (its log is in the output dir), 2 a bad option.
 source "$(dirname "$0")/lib.sh"
-help_if_asked recipes/benchmark.py "$@"
+help_if_asked harnesses/benchmark.py "$@"
 one_process "the benchmark is single-device; start it without torchrun"
-run "$PY" recipes/benchmark.py --config "${CONFIG:-recipes/configs/benchmark.yaml}" "$@"
+run "$PY" harnesses/benchmark.py --config "${CONFIG:-harnesses/configs/benchmark.yaml}" "$@"

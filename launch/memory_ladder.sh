@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The memory ladder (recipes/memory_ladder.py): one memory technique added per rung, one process per rung.
+# The memory ladder (harnesses/memory_ladder.py): one memory technique added per rung, one process per rung.
 #
 #   bash launch/memory_ladder.sh [--key value ...]      # extra flags go to the harness and override the config
 #   CONFIG=my.yaml bash launch/memory_ladder.sh         # another config file
@@ -11,7 +11,7 @@
 # Exit code: 0 when every rung finished or was skipped, 1 when one failed (the table is written anyway, with its
 # error) or a check failed, 2 for a bad option.
 source "$(dirname "$0")/lib.sh"
-help_if_asked recipes/memory_ladder.py "$@"
+help_if_asked harnesses/memory_ladder.py "$@"
 one_process "this harness is single-device"
 first_gpu_only
-run "$PY" recipes/memory_ladder.py --config "${CONFIG:-recipes/configs/memory_ladder.yaml}" "$@"
+run "$PY" harnesses/memory_ladder.py --config "${CONFIG:-harnesses/configs/memory_ladder.yaml}" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Hyperparameter sweep (recipes/sweep.py): grid or random search, each trial a run of
+# Hyperparameter sweep (harnesses/sweep.py): grid or random search, each trial a run of
 # recipes/sft_memory_diet.py in its own process and folder, ranked by held-out loss.
 #
 #   bash launch/sweep.sh [--key value ...]          # extra flags override the config, e.g.
@@ -13,6 +13,6 @@
 # rerun the same command to resume. Exit code: 0 at least one trial finished, 1 none did,
 # 2 a bad option, 75 stopped by a signal (rerun to resume).
 source "$(dirname "$0")/lib.sh"
-help_if_asked recipes/sweep.py "$@"
+help_if_asked harnesses/sweep.py "$@"
 one_process "run the sweep as one process; each trial is a single-device run"
-run "$PY" recipes/sweep.py --config "${CONFIG:-recipes/configs/sweep.yaml}" "$@"
+run "$PY" harnesses/sweep.py --config "${CONFIG:-harnesses/configs/sweep.yaml}" "$@"

@@ -1,4 +1,4 @@
-"""recipes/adapter_vs_full.py (through its launcher) and common/adapters.py on the tiny model.
+"""harnesses/adapter_vs_full.py (through its launcher) and harnesses/adapters.py on the tiny model.
 
 Tiny Llama: hidden d=64, intermediate 128, 2 layers, 4 heads x 16 (q 64), 2 KV heads (k, v 32), vocab 512,
 untied embeddings.
@@ -32,7 +32,7 @@ def test_bottleneck_adapter_starts_as_the_base_model_and_trains_only_itself(tiny
     from transformers import AutoModelForCausalLM
 
     from common import checks
-    from common.adapters import attach_bottleneck_adapters
+    from harnesses.adapters import attach_bottleneck_adapters
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)

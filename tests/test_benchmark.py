@@ -1,4 +1,4 @@
-"""recipes/benchmark.py on the tiny model: both contestants on the same examples, exact FLOP counts.
+"""harnesses/benchmark.py on the tiny model: both contestants on the same examples, exact FLOP counts.
 
 Nothing here is timed: throughput and MFU are the benchmark's output (README "Performance benchmark"),
 not something a test on a shared machine could assert. What is asserted: both contestants trained on
@@ -22,7 +22,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def load_benchmark_module():
-    spec = importlib.util.spec_from_file_location("recipes_benchmark", REPO / "recipes" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("harnesses_benchmark", REPO / "harnesses" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its Config dataclass looks the module up
     spec.loader.exec_module(module)
@@ -166,9 +166,7 @@ def test_recipe_args_carry_several_flags_to_the_recipe(tmp_path):
     cfg = parse_config(bm.Config, ["--recipe_args=--attn_implementation sdpa --lora_dropout 0.05"])
     cmd = bm.recipe_command(cfg, "recipe", "asset:tiny", tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "r")
     assert cmd[-4:] == ["--attn_implementation", "sdpa", "--lora_dropout", "0.05"]
-    recipe = importlib.util.spec_from_file_location("_sft_for_args", REPO / "recipes" / "sft_memory_diet.py")
-    module = importlib.util.module_from_spec(recipe)
-    sys.modules[recipe.name] = module
-    recipe.loader.exec_module(module)
-    parsed = parse_config(module.Config, cmd[2:])
+    from common.config import load_recipe
+
+    parsed, _ = parse_config(load_recipe(REPO / "recipes" / "sft_memory_diet.py").CONFIGS, cmd[2:])
     assert parsed.attn_implementation == "sdpa" and parsed.lora_dropout == 0.05  # after the benchmark's 0.0

@@ -5,6 +5,7 @@ import runpy
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import pytest
 import yaml
@@ -231,23 +232,45 @@ def recipe_config():
         spec.loader.exec_module(module)
     finally:
         sys.modules.pop(spec.name, None)
-    return module.Config
+    return module.CONFIGS
+
+
+class Merged:
+    """The recipe's Config and TrainingArguments as one namespace (a recipe's options are the union)."""
+
+    def __init__(self, parsed):
+        self.parts = parsed if isinstance(parsed, tuple) else (parsed,)
+
+    def __getattr__(self, name):
+        for part in self.parts:
+            if name in {f.name for f in fields(part)}:
+                return getattr(part, name)
+        raise AttributeError(name)
+
+
+def parse(classes, argv):
+    return Merged(parse_config(classes, argv))
+
+
+def as_value(v):
+    return getattr(v, "value", v)
 
 
 def test_recipe_yaml_loads_exactly(recipe_config):
     raw = yaml.safe_load(RECIPE_YAML.read_text())
-    cfg = parse_config(recipe_config, ["--config", str(RECIPE_YAML)])
-    resolved = asdict(cfg)
-    assert {k: resolved[k] for k in raw} == raw
-    defaults = asdict(recipe_config())
+    cfg = parse(recipe_config, ["--config", str(RECIPE_YAML)])
+    assert {k: as_value(getattr(cfg, k)) for k in raw if k != "report_to"} == {k: v for k, v in raw.items() if k != "report_to"}
+    assert cfg.report_to == []  # TrainingArguments' spelling of `none`
+    own, _ = recipe_config
+    resolved, defaults = asdict(cfg.parts[0]), asdict(own())
     assert {k: v for k, v in resolved.items() if k not in raw} == {k: v for k, v in defaults.items() if k not in raw}
     assert type(cfg.num_train_epochs) is float  # YAML says 8
 
 
 def test_recipe_cli_overrides(recipe_config):
-    cfg = parse_config(recipe_config, ["--config", str(RECIPE_YAML), "--learning_rate", "5e-4",
-                                       "--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "true",
-                                       "--resume", "false", "--save_total_limit", "2", "--eval_dataset_path", "x.jsonl"])
+    cfg = parse(recipe_config, ["--config", str(RECIPE_YAML), "--learning_rate", "5e-4",
+                                "--lora_target_modules", "q_proj", "v_proj", "--gradient_checkpointing", "true",
+                                "--resume", "false", "--save_total_limit", "2", "--eval_dataset_path", "x.jsonl"])
     assert (cfg.learning_rate, cfg.lora_target_modules, cfg.gradient_checkpointing, cfg.resume,
             cfg.save_total_limit, cfg.eval_dataset_path) == (5e-4, ["q_proj", "v_proj"], "true", False, 2, "x.jsonl")
     assert cfg.per_device_train_batch_size == 4  # still from the YAML
@@ -287,7 +310,7 @@ def test_recipe_help_lists_every_option(recipe_config, monkeypatch, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: sft_memory_diet.py")
-    for f in fields(recipe_config):
+    for f in fields(recipe_config[0]):
         assert f"--{f.name} " in out or f"--{f.name}\n" in out, f"--{f.name} missing from --help"
     assert "--config CONFIG" in out
 
@@ -348,14 +371,14 @@ def test_out_of_range_value_is_one_line_exit_2(recipe_config, capsys, argv, line
 
 
 def test_epochs_may_be_anything_when_max_steps_is_set(recipe_config):
-    assert parse_config(recipe_config, ["--num_train_epochs", "0", "--max_steps", "3"]).max_steps == 3
+    assert parse(recipe_config, ["--num_train_epochs", "0", "--max_steps", "3"]).max_steps == 3
 
 
 def test_out_of_range_value_in_yaml_names_file_line_and_the_flag(recipe_config, tmp_path, capsys):
     path = write(tmp_path, "max_steps: 4\n# the rank\nlora_r: 0      # too small\n")
     assert fails(capsys, recipe_config, ["--config", str(path)]) == (
         f"error: {path}:3: lora_r: 0 must be >= 1 (LoRA rank); fix it there or override it with --lora_r\n")
-    assert parse_config(recipe_config, ["--config", str(path), "--lora_r", "8"]).lora_r == 8  # the CLI wins
+    assert parse(recipe_config, ["--config", str(path), "--lora_r", "8"]).lora_r == 8  # the CLI wins
 
 
 @dataclass
@@ -424,8 +447,10 @@ def load_recipe(path, name):
 
 @pytest.fixture(scope="module")
 def every_recipe():
-    names = sorted(p.stem for p in (REPO / "recipes").glob("*.py"))
-    modules = {n: load_recipe(REPO / "recipes" / f"{n}.py", f"_every_recipe_{n}") for n in names}
+    paths = {p.stem: p for folder in ("recipes", "harnesses") for p in sorted((REPO / folder).glob("*.py"))
+             if p.stem not in ("__init__", "compare", "adapters")}
+    names = sorted(paths)
+    modules = {n: load_recipe(paths[n], f"_every_recipe_{n}") for n in names}
     yield modules
     for n in names:
         sys.modules.pop(f"_every_recipe_{n}", None)
@@ -436,15 +461,16 @@ def test_every_recipe_without_config_runs_its_yaml_and_checks_values(every_recip
     the dataclass defaults are within bounds, and each recipe refuses a bad value of the shared options."""
     checked = 0
     for name, module in every_recipe.items():
-        implicit = parse_config(module.Config, [])
-        yaml_file = REPO / "recipes" / "configs" / f"{name}.yaml"
+        classes = getattr(module, "CONFIGS", module.Config)
+        implicit = parse_config(classes, [])
+        yaml_file = Path(module.__file__).parent / "configs" / f"{name}.yaml"
         if yaml_file.is_file():
-            assert implicit == parse_config(module.Config, ["--config", str(yaml_file)]), name
-        names = {f.name for f in fields(module.Config)}
+            assert implicit == parse_config(classes, ["--config", str(yaml_file)]), name
+        names = {f.name for c in (classes if isinstance(classes, tuple) else (classes,)) for f in fields(c)}
         for option, bad in (("learning_rate", "-1"), ("lora_r", "0"), ("per_device_train_batch_size", "0"),
                             ("gradient_accumulation_steps", "0"), ("max_length", "8")):
             if option in names:
-                err = fails(capsys, module.Config, [f"--{option}", bad])
+                err = fails(capsys, classes, [f"--{option}", bad])
                 assert err.startswith(f"error: --{option} {bad}: must be ") and err.count("\n") == 1, (name, err)
                 checked += 1
     assert checked >= 30
@@ -461,7 +487,7 @@ def test_help_shows_the_yaml_defaults_that_will_run(monkeypatch, capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert raw["learning_rate"] == 1e-3
-    assert "peak learning rate (default: 0.001)" in out
+    assert "The initial learning rate for the optimizer. (default: 0.001)" in out  # TrainingArguments own help
     assert f"(default: {raw['lora_target_modules']})" in out and "(default: 8.0)" in out
     assert "Defaults shown: recipes/configs/sft_memory_diet.yaml where it sets an option" in out
 
@@ -484,10 +510,10 @@ def test_a_copied_recipe_takes_its_name_from_the_file(tmp_path, monkeypatch, cap
     try:
         module = load_recipe(copy, "my_run_under_test")
         assert module.RECIPE == "my_run"
-        assert parse_config(module.Config, []).output_dir == "runs/my_run"  # no configs/my_run.yaml: dataclass
-        assert parse_config(module.Config, ["--config", str(RECIPE_YAML)]).output_dir == "runs/my_run"
+        assert parse(module.CONFIGS, []).output_dir == "runs/my_run"  # no configs/my_run.yaml: dataclass
+        assert parse(module.CONFIGS, ["--config", str(RECIPE_YAML)]).output_dir == "runs/my_run"
         with pytest.raises(SystemExit):
-            parse_config(module.Config, ["--help"])
+            parse_config(module.CONFIGS, ["--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert "(default: runs/my_run)" in out and "there is no" in out and "my_run.yaml" in out
     finally:
@@ -495,10 +521,12 @@ def test_a_copied_recipe_takes_its_name_from_the_file(tmp_path, monkeypatch, cap
 
 
 def test_no_recipe_hard_codes_its_own_name():
-    for path in (REPO / "recipes").glob("*.py"):
+    for path in [*(REPO / "recipes").glob("*.py"), *(REPO / "harnesses").glob("*.py")]:
+        if path.stem in {"__init__", "compare", "adapters"}:  # shared modules, not runnable recipes
+            continue
         text = path.read_text()
         for literal in (f'"recipe": "{path.stem}"', f'default="runs/{path.stem}"', f'getLogger("{path.stem}")'):
             assert literal not in text, f"{path.name}: {literal} (use RECIPE = Path(__file__).stem)"
-    for path in (REPO / "recipes" / "configs").glob("*.yaml"):
+    for path in [*(REPO / "recipes" / "configs").glob("*.yaml"), *(REPO / "harnesses" / "configs").glob("*.yaml")]:
         assert f"output_dir: runs/{path.stem}\n" not in path.read_text() or path.stem not in {
-            p.stem for p in (REPO / "recipes").glob("*.py")}, f"{path.name} pins output_dir to the recipe's name"
+            p.stem for p in path.parent.parent.glob("*.py")}, f"{path.name} pins output_dir to the recipe's name"

@@ -75,12 +75,12 @@ def test_multigpu_qlora_on_two_gpus(tiny_dir, tmp_path, sharding):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 70 * 1024**3,
                     reason="needs an 80 GB-class GPU (H100/H200) for the 8B model")
 def test_benchmark_llama8b_lora_bf16_and_qlora(tmp_path):
-    """recipes/benchmark.py on a randomly initialised Llama-3.1-8B (config only, nothing downloaded): the recipe
+    """harnesses/benchmark.py on a randomly initialised Llama-3.1-8B (config only, nothing downloaded): the recipe
     with LoRA bf16 and with QLoRA, and the TRL baseline, on the same examples; tokens/s and MFU recorded with the
     device named. Not timed: the goal (MFU >= 45% for LoRA bf16) is the benchmark's verdict, not an assert."""
     out = tmp_path / "bench8b"
     proc = run(["bash", str(REPO / "launch" / "benchmark.sh"), "--output_dir", str(out), "--num_examples", "64"],
-               env={"CONFIG": "recipes/configs/benchmark_llama8b_gpu.yaml"}, timeout=3600)
+               env={"CONFIG": "harnesses/configs/benchmark_llama8b_gpu.yaml"}, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     b = json.loads((out / "benchmark.json").read_text())
     assert b["device_type"] == "cuda" and b["machine"] == torch.cuda.get_device_name(0)

@@ -469,7 +469,7 @@ def test_dataset_format_applies_to_the_training_file_only():
 
 
 def load_recipe(script):
-    """The recipe module (not run as __main__), for calling main(parse_config(Config, argv)) in-process."""
+    """The recipe module (not run as __main__), for calling main(*parse_config(CONFIGS, argv)) in-process."""
     name = f"recipe_{script.stem}_{uuid.uuid4().hex[:8]}"
     spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
@@ -499,10 +499,10 @@ def test_csv_alpaca_train_file_with_the_default_chat_eval_set(tiny_dir, tmp_path
     try:
         monkeypatch.chdir(REPO)
         recipe = load_recipe(SFT)
-        cfg = recipe.parse_config(recipe.Config, ["--config", "recipes/configs/sft_memory_diet.yaml", *data,
-                                                  "--output_dir", str(tmp_path / "sft"), "--max_new_tokens", "2"])
+        cfg, args = recipe.parse_config(recipe.CONFIGS, ["--config", "recipes/configs/sft_memory_diet.yaml", *data,
+                                                         "--output_dir", str(tmp_path / "sft"), "--max_new_tokens", "2"])
         assert cfg.eval_dataset_path == "data/persona/heldout.jsonl"  # the default chat-format held-out set
-        single = recipe.main(cfg)
+        single = recipe.main(cfg, args)
         _, err = multigpu.communicate(timeout=600)
     finally:
         multigpu.kill()
@@ -559,7 +559,8 @@ def test_recipes_refuse_a_split_that_leaves_nothing_to_train_on(script, tiny_dir
         recipe = load_recipe(script)
         monkeypatch.chdir(REPO)
         with pytest.raises(DataError) as e:
-            recipe.main(recipe.parse_config(recipe.Config, argv + ["--output_dir", str(tmp_path / "out")]))
+            configs = recipe.parse_config(getattr(recipe, "CONFIGS", recipe.Config), argv + ["--output_dir", str(tmp_path / "out")])
+            recipe.main(*(configs if isinstance(configs, tuple) else (configs,)))
         line = f"error: {e.value}"
         assert not (tmp_path / "out").exists()
     else:

@@ -24,10 +24,10 @@ SINGLE_DEVICE = [
     ("reward_model.sh", "recipes/reward_model.py", "recipes/configs/reward_model.yaml", True),
     ("evaluate.sh", "recipes/evaluate.py", "recipes/configs/evaluate.yaml", False),
     ("merge_export.sh", "recipes/merge_export.py", "recipes/configs/merge_export.yaml", False),
-    ("adapter_vs_full.sh", "recipes/adapter_vs_full.py", "recipes/configs/adapter_vs_full.yaml", True),
-    ("memory_ladder.sh", "recipes/memory_ladder.py", "recipes/configs/memory_ladder.yaml", True),
-    ("benchmark.sh", "recipes/benchmark.py", "recipes/configs/benchmark.yaml", False),
-    ("sweep.sh", "recipes/sweep.py", "recipes/configs/sweep.yaml", False),
+    ("adapter_vs_full.sh", "harnesses/adapter_vs_full.py", "harnesses/configs/adapter_vs_full.yaml", True),
+    ("memory_ladder.sh", "harnesses/memory_ladder.py", "harnesses/configs/memory_ladder.yaml", True),
+    ("benchmark.sh", "harnesses/benchmark.py", "harnesses/configs/benchmark.yaml", False),
+    ("sweep.sh", "harnesses/sweep.py", "harnesses/configs/sweep.yaml", False),
 ]
 # SHARDING -> the accelerate YAML that LAUNCHER=accelerate uses, and what accelerate makes of it
 ACCELERATE = {"ddp": ("accelerate_ddp.yaml", "multi_gpu"), "fsdp": ("accelerate_fsdp2.yaml", "use_fsdp"),

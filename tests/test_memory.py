@@ -301,8 +301,7 @@ def test_batch_size_finder_returns_the_largest_that_fits():
 # The validation recipe's plumbing (the runs themselves take minutes: see README "Memory planner")
 # ---------------------------------------------------------------------------------------------
 def test_validation_recipe_specs_and_help():
-    sys.path.insert(0, str(REPO / "recipes"))
-    import memory_validation as mv
+    from harnesses import memory_validation as mv
 
     spec = mv.parse_spec("name=a method=qlora batch=2 seq=128 ckpt=true targets=q_proj,v_proj")
     assert spec["targets"] == "q_proj,v_proj" and spec["optim"] == "adamw_torch" and spec["precision"] == "bf16"
@@ -386,7 +385,7 @@ def test_qwen_05b_lora_needs_less_than_full_fine_tuning_in_both_precisions(qwen_
 
 
 def test_a_check_outside_autocast_is_the_lora_peak_and_says_so(qwen_config, capsys):
-    """The check as common/compare.py runs it (no autocast: peft keeps an fp32 copy of every adapter input):
+    """The check as harnesses/compare.py runs it (no autocast: peft keeps an fp32 copy of every adapter input):
     at 4 x 2048 without checkpointing it is LoRA's peak, above full bf16; the plan names that phase."""
     config = load_config(qwen_config)
     shapes = dict(seq_len=2048, batch_size=4)

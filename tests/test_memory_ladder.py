@@ -1,4 +1,4 @@
-"""recipes/memory_ladder.py (through its launcher) on the tiny model: rows, skips, failures."""
+"""harnesses/memory_ladder.py (through its launcher) on the tiny model: rows, skips, failures."""
 import json
 
 import pytest

@@ -236,41 +236,45 @@ def recipe_module():
 def test_unpinned_batch_is_planned_and_yaml_booleans_work(recipe_module, tiny_dir, tmp_path):
     """Batch options set nowhere (not in the YAML, not as flags): the planner picks the micro-batch, keeping
     the effective batch. Set in either place: pinned. `packing: false` in YAML is the string "false"."""
-    from common.config import parse_config
+    from common.config import options_set_by_user, parse_config
+    from common.fast_path import BATCH_OPTIONS, plan_memory
 
     lines = [line for line in (REPO / "recipes/configs/sft_memory_diet.yaml").read_text().splitlines()
              if not line.startswith(("per_device_train_batch_size", "gradient_accumulation_steps", "packing"))]
     config = tmp_path / "unpinned.yaml"
     config.write_text("\n".join(lines + ["packing: false"]) + "\n")
     argv = ["--config", str(config), "--model_name_or_path", str(tiny_dir), "--precision=fp32"]
-    cfg = parse_config(recipe_module.Config, argv)
+    cfg, args = parse_config(recipe_module.CONFIGS, argv)
     assert cfg.packing == "false" and cfg.gradient_checkpointing == "auto"
-    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (1, 16)  # the dataclass defaults
-    options = recipe_module.options_set_by_user(argv)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 1)  # TrainingArguments' defaults
+    options = options_set_by_user(recipe_module.CONFIGS, argv)
     assert {"packing", "model_name_or_path", "precision", "lora_r"} <= options
-    assert not options & set(recipe_module.BATCH_OPTIONS)
-    assert "gradient_accumulation_steps" in recipe_module.options_set_by_user(argv + ["--gradient_accumulation_steps", "2"])
+    assert not options & set(BATCH_OPTIONS)
+    assert "gradient_accumulation_steps" in options_set_by_user(recipe_module.CONFIGS,
+                                                                argv + ["--gradient_accumulation_steps", "2"])
 
     cfg.memory_budget_gb = (planner_gib(tiny_dir, 8, 2, False) + planner_gib(tiny_dir, 16, 1, False)) / 2
-    plan = recipe_module.plan_memory(cfg, torch.device("cpu"), "fp32", "adamw_torch", str(tiny_dir), batch_pinned=False)
+    plan = plan_memory(cfg, torch.device("cpu"), "fp32", "adamw_torch", str(tiny_dir), False, 1, 16)
     assert plan["decided_by_planner"] == ["gradient_checkpointing", "per_device_train_batch_size",
                                           "gradient_accumulation_steps"]
     assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (8, 2)
     assert plan["gradient_checkpointing"] is False and plan["fits"] is True
-    pinned = recipe_module.plan_memory(cfg, torch.device("cpu"), "fp32", "adamw_torch", str(tiny_dir), batch_pinned=True)
+    pinned = plan_memory(cfg, torch.device("cpu"), "fp32", "adamw_torch", str(tiny_dir), True, 1, 16)
     assert (pinned["per_device_train_batch_size"], pinned["gradient_accumulation_steps"]) == (1, 16)
 
 
-def test_packing_is_refused_or_skipped_where_isolation_is_not_verified(recipe_module):
+def test_packing_is_refused_or_skipped_where_isolation_is_not_verified():
+    from common import fast_path
+
     cpu = torch.device("cpu")
-    assert recipe_module.resolve_packing("auto", "sdpa", cpu) and recipe_module.resolve_packing("auto", "eager", cpu)
-    assert recipe_module.resolve_packing("false", "sdpa", cpu) is False
-    assert recipe_module.resolve_packing("auto", "flex_attention", cpu) is False  # length-grouped padding instead
-    with pytest.raises(recipe_module.checks.CheckFailed,
+    assert fast_path.resolve_packing("auto", "sdpa", cpu) and fast_path.resolve_packing("auto", "eager", cpu)
+    assert fast_path.resolve_packing("false", "sdpa", cpu) is False
+    assert fast_path.resolve_packing("auto", "flex_attention", cpu) is False  # length-grouped padding instead
+    with pytest.raises(fast_path.checks.CheckFailed,
                        match="--packing true with attn_implementation flex_attention on cpu: not verified"):
-        recipe_module.resolve_packing("true", "flex_attention", cpu)
-    with pytest.raises(recipe_module.checks.CheckFailed, match="choose auto, true or false"):
-        recipe_module.resolve_packing("yes", "sdpa", cpu)
-    assert recipe_module.resolve_liger("auto", cpu) is False
-    with pytest.raises(recipe_module.checks.CheckFailed, match="need CUDA"):
-        recipe_module.resolve_liger("true", cpu)
+        fast_path.resolve_packing("true", "flex_attention", cpu)
+    with pytest.raises(fast_path.checks.CheckFailed, match="choose auto, true or false"):
+        fast_path.resolve_packing("yes", "sdpa", cpu)
+    assert fast_path.resolve_liger("auto", cpu) is False
+    with pytest.raises(fast_path.checks.CheckFailed, match="need CUDA"):
+        fast_path.resolve_liger("true", cpu)

@@ -18,7 +18,11 @@ import torch.distributed as dist
 recipe, out = sys.argv[1], Path(sys.argv[sys.argv.index("--output_dir") + 1])
 sys.argv = [recipe] + sys.argv[2:]
 ns = runpy.run_path(recipe, run_name="recipe_under_test")
-ns["main"](ns["parse_config"](ns["Config"]))
+from common.config import parse_config
+def once():
+    parsed = parse_config(ns.get("CONFIGS", ns["Config"]))
+    ns["main"](*(parsed if isinstance(parsed, tuple) else (parsed,)))
+once()
 if dist.is_initialized():  # under torchrun: rank 0 writes metrics.json after the others returned
     dist.barrier()
 if os.environ.get("RANK", "0") == "0":
@@ -28,7 +32,7 @@ if os.environ.get("RANK", "0") == "0":
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 if dist.is_initialized():
     dist.barrier()
-ns["main"](ns["parse_config"](ns["Config"]))
+once()
 """
 
 

@@ -1,4 +1,4 @@
-"""recipes/sweep.py: grid and random search over recipes/sft_memory_diet.py, trials as subprocesses,
+"""harnesses/sweep.py: grid and random search over recipes/sft_memory_diet.py, trials as subprocesses,
 on the tiny model through launch/sweep.sh. Each trial process costs seconds (interpreter + torch
 import), so the module runs 5 trials in all: a 2x2 grid, a rerun (nothing runs), and one bad value."""
 import json
@@ -17,7 +17,7 @@ LAUNCHER = ["bash", str(REPO / "launch" / "sweep.sh")]
 ENV = {"OMP_NUM_THREADS": "1"}  # trials share 2 cores with the test run
 
 
-from recipes import sweep  # noqa: E402  (cheap: the sweep imports no torch until trials run)
+from harnesses import sweep  # noqa: E402
 
 
 def sweep_cmd(tiny_dir, out, *extra):

@@ -9,8 +9,8 @@ trials sharing it would only slow each other down and spoil the tokens/s and pea
 
 Run (4 trials of SmolLM2-135M-Instruct on the persona data, 8 optimizer steps each):
     bash launch/sweep.sh
-    python recipes/sweep.py --config recipes/configs/sweep.yaml [--key value ...]
-    python recipes/sweep.py --config recipes/configs/sweep.yaml --search random --num_trials 6 --seed 1 \
+    python harnesses/sweep.py --config harnesses/configs/sweep.yaml [--key value ...]
+    python harnesses/sweep.py --config harnesses/configs/sweep.yaml --search random --num_trials 6 --seed 1 \
         --space "learning_rate={low: 1.0e-4, high: 3.0e-3, log: true}" "lora_r=[4, 8, 16, 32]" lora_alpha=2r
 
 The search space (`space`, a mapping in the YAML): a list is a set of choices (grid: every
@@ -39,9 +39,8 @@ trial of the default sweep took 33 min under load 8-10; a 4-trial grid on the ti
 """
 from __future__ import annotations
 
-import ast
 import csv
-import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -61,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 import yaml  # noqa: E402
 
-from common.config import parse_config  # noqa: E402
+from common.config import closest_option, load_recipe, option_defaults, parse_config  # noqa: E402
 
 RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
 log = logging.getLogger(RECIPE)
@@ -143,25 +142,10 @@ def normalize(value):
     return value
 
 
+@functools.lru_cache(maxsize=1)
 def recipe_fields() -> dict[str, object]:
-    """The SFT recipe's Config fields and their literal defaults, read from its source (importing it would
-    load torch, transformers and bitsandbytes: 5-15 s for a sweep that may only print its trials)."""
-    tree = ast.parse(RECIPE.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
-    fields = {}
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            default = None
-            for kw in getattr(node.value, "keywords", []):
-                try:
-                    if kw.arg == "default":
-                        default = ast.literal_eval(kw.value)
-                    elif kw.arg == "default_factory" and isinstance(kw.value, ast.Lambda):
-                        default = ast.literal_eval(kw.value.body)
-                except ValueError:
-                    pass
-            fields[node.target.id] = default
-    return fields
+    """The SFT recipe's options (its CONFIGS: its Config and TrainingArguments) and their defaults."""
+    return option_defaults(load_recipe(RECIPE).CONFIGS)
 
 
 def check_keys(where: str, keys, fields: dict) -> None:
@@ -169,8 +153,8 @@ def check_keys(where: str, keys, fields: dict) -> None:
         if key in SWEEP_MANAGED:
             raise SweepError(f"{where}: {key!r} is set by the sweep for each trial; remove it")
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest_option(key, fields)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise SweepError(f"{where}: {key!r} is not an option of {RECIPE.relative_to(REPO)}{hint}; "
                              f"`python {RECIPE.relative_to(REPO)} --help` lists them")
 

@@ -2,7 +2,7 @@
 
 What it is for: checking `common.memory` (the planner) against what the training recipes actually
 use on this machine. Each LoRA/QLoRA configuration runs `launch/memory_diet.sh` (recipes/sft_memory_diet.py),
-each full fine-tuning one (method=full) `launch/adapter_vs_full.sh --methods full` (common/compare.py,
+each full fine-tuning one (method=full) `launch/adapter_vs_full.sh --methods full` (harnesses/compare.py,
 the repo's full fine-tuning path: the model loaded in `precision`, so bf16 is pure bf16), as a subprocess
 for a few optimizer steps on sequences that are all exactly `seq` tokens long; it reads
 `peak_memory_bytes` from the run's metrics.json and compares it with the planner's `peak_bytes` for the
@@ -11,9 +11,9 @@ CPU the process's peak resident set size (VmHWM), which includes the Python inte
 and data; the planner models that part as a measured constant baseline (memory.CPU_BASELINE_BYTES).
 
 Run:
-    python recipes/memory_validation.py --config recipes/configs/memory_validation.yaml
-    python recipes/memory_validation.py --config recipes/configs/memory_validation.yaml --only lora_b4_s256 qlora_b4_s256
-    python recipes/memory_validation.py --output_dir runs/lora_vs_full \
+    python harnesses/memory_validation.py --config harnesses/configs/memory_validation.yaml
+    python harnesses/memory_validation.py --config harnesses/configs/memory_validation.yaml --only lora_b4_s256 qlora_b4_s256
+    python harnesses/memory_validation.py --output_dir runs/lora_vs_full \
         --configurations "name=lora_b2_s512 method=lora batch=2 seq=512" "name=full_b2_s512 method=full batch=2 seq=512"
 
 Writes to --output_dir: memory_validation.json and .md (the table: predicted, measured, error %),
@@ -89,7 +89,7 @@ def write_long_conversations(path: Path, count: int, seed: int) -> None:
 
 
 def recipe_command(spec: dict, model: str, run_dir: Path, data: Path, cfg: Config) -> list[str]:
-    if spec["method"] == "full":  # the repo's full fine-tuning path (common/compare.py); metrics in runs/full/
+    if spec["method"] == "full":  # the repo's full fine-tuning path (harnesses/compare.py); metrics in runs/full/
         return ["bash", "launch/adapter_vs_full.sh", "--methods", "full", "--model_name_or_path", model,
                 "--output_dir", str(run_dir), "--dataset_path", str(data), "--eval_dataset_path", "",
                 "--eval_before", "false", "--max_steps", str(cfg.max_steps),
@@ -127,7 +127,7 @@ def labelled_fraction(model_dir: str, data: Path, seq: int, count: int) -> float
 
 def predict(spec: dict, model_dir: str, device: str, fraction: float = 1.0) -> dict:
     """The planner for the run recipe_command starts: dropout from the recipe's YAML (memory.recipe_defaults);
-    common/compare.py runs its gradient check outside autocast, sft_memory_diet.py like a training step.
+    harnesses/compare.py runs its gradient check outside autocast, sft_memory_diet.py like a training step.
     `fraction`: labelled positions, where both recipes' training steps run the LM head."""
     s = memory.Settings(method=spec["method"], lora_r=int(spec["r"]), lora_targets=spec["targets"],
                         seq_len=int(spec["seq"]), batch_size=int(spec["batch"]),

@@ -25,7 +25,7 @@ prediction for the rung (n/a where it does not model it; ZeRO is modelled withou
 
 Run:
     bash launch/memory_ladder.sh
-    python recipes/memory_ladder.py --config recipes/configs/memory_ladder.yaml [--rungs baseline bf16 lora ...]
+    python harnesses/memory_ladder.py --config harnesses/configs/memory_ladder.yaml [--rungs baseline bf16 lora ...]
 
 Writes to --output_dir: memory_ladder.json and .md (the table), loss.png, metrics.json, manifest.json,
 runs/<rung>/ (each rung's metrics.json and log.txt). A rung that fails (e.g. DeepSpeed not installed)
@@ -42,8 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
-from common import checks, compare  # noqa: E402
-from common.compare import RunSpec, fmt_loss, gib  # noqa: E402
+from common import checks
+from harnesses import compare  # noqa: E402
+from harnesses.compare import RunSpec, fmt_loss, gib  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.run_files import now, write_json, write_manifest  # noqa: E402
 

@@ -16,17 +16,16 @@ benchmark.json and benchmark.md (a table with the machine named).
 
 Run:
     bash launch/benchmark.sh                 # SmolLM2-135M-Instruct, LoRA, on this machine (CPU here)
-    python recipes/benchmark.py --config recipes/configs/benchmark.yaml [--key value ...]
-    CONFIG=recipes/configs/benchmark_llama8b_gpu.yaml bash launch/benchmark.sh   # on an H100/H200:
+    python harnesses/benchmark.py --config harnesses/configs/benchmark.yaml [--key value ...]
+    CONFIG=harnesses/configs/benchmark_llama8b_gpu.yaml bash launch/benchmark.sh   # on an H100/H200:
         random-init Llama-3.1-8B architecture from tests/fixtures/configs/llama-3.1-8b.json, LoRA bf16 + QLoRA
 
 Measured here: README.md, "Performance benchmark" (the command there reproduces the table).
-Internal: `python recipes/benchmark.py trl_baseline SPEC.json` runs one TRL contestant (the parent does this).
+Internal: `python harnesses/benchmark.py trl_baseline SPEC.json` runs one TRL contestant (the parent does this).
 """
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ import torch  # noqa: E402
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.config import parse_config  # noqa: E402
+from common.config import load_recipe, option_defaults, parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, load_records, to_messages  # noqa: E402
 from common.run_files import PeakMemory, device_name, now, write_json, write_manifest  # noqa: E402
 
@@ -257,7 +256,7 @@ def token_stats(tokenizer, path: str, max_length: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Contestant: the plain TRL script (runs in its own process: `python recipes/benchmark.py trl_baseline SPEC`)
+# Contestant: the plain TRL script (runs in its own process: `python harnesses/benchmark.py trl_baseline SPEC`)
 # ---------------------------------------------------------------------------------------------
 def trl_baseline(spec: dict) -> dict:
     """What a user would otherwise write: SFTTrainer with SFTConfig defaults and a peft LoraConfig.
@@ -329,17 +328,8 @@ def trl_baseline(spec: dict) -> dict:
 # Running the contestants
 # ---------------------------------------------------------------------------------------------
 def recipe_flags() -> set[str]:
-    """The options recipes/sft_memory_diet.py has (its Config dataclass), so only existing flags are passed."""
-    import dataclasses
-
-    spec = importlib.util.spec_from_file_location("_benchmarked_sft_recipe", REPO / "recipes" / "sft_memory_diet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
-        return {f.name for f in dataclasses.fields(module.Config)}
-    finally:
-        del sys.modules[spec.name]
+    """The options recipes/sft_memory_diet.py has (its CONFIGS), so only existing flags are passed."""
+    return set(option_defaults(load_recipe(REPO / "recipes" / "sft_memory_diet.py").CONFIGS))
 
 
 def run_logged(cmd: list[str], log_path: Path) -> int:

@@ -1,7 +1,7 @@
 """Comparison runs: train one configuration per process, measure it, and put the rows side by side.
 
-Used by recipes/adapter_vs_full.py (full fine-tuning vs LoRA vs bottleneck adapter vs QLoRA) and
-recipes/memory_ladder.py (one memory technique added per rung). Both are one script with two modes:
+Used by harnesses/adapter_vs_full.py (full fine-tuning vs LoRA vs bottleneck adapter vs QLoRA) and
+harnesses/memory_ladder.py (one memory technique added per rung). Both are one script with two modes:
 
 - driver (default): for each configuration, start `python <recipe> --config <output_dir>/runs/<name>/config.yaml
   --run_one <name>` as a subprocess, wait, read its metrics.json. A configuration that fails (a
@@ -61,7 +61,7 @@ class CompareConfig:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Linear layer names, or all-linear"})
-    adapter_size: int = field(default=64, metadata={"help": "bottleneck adapter width (adapter method; common/adapters.py)"})
+    adapter_size: int = field(default=64, metadata={"help": "bottleneck adapter width (adapter method; harnesses/adapters.py)"})
     seed: int = field(default=42, metadata={"help": "random seed (same data order for every row)"})
     timeout: int = field(default=1800, metadata={"help": "seconds before a configuration's process is stopped and reported failed"})
     run_one: str | None = field(default=None, metadata={"help": "worker mode: train only this configuration in this process (the driver starts each one this way)"})
@@ -166,7 +166,7 @@ class _TrainTimer:
 
 def build_model(spec: RunSpec, cfg: CompareConfig, model_path: str, device: torch.device, precision: str):
     """The base model with `spec.method` attached, ready to train. Returns (model, extra metrics)."""
-    from common.adapters import attach_bottleneck_adapters
+    from harnesses.adapters import attach_bottleneck_adapters
     from common.models import attach_lora, load_base_model, pick_attn_implementation
 
     model = load_base_model(model_path, device, precision, spec.method == "qlora",

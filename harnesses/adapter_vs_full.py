@@ -9,7 +9,7 @@ planner's prediction where it models the method), train loss and held-out loss b
 Methods (`--methods`):
   full     every parameter trains (AdamW states for all of them)
   lora     peft LoRA on --lora_target_modules, rank --lora_r
-  adapter  serial bottleneck adapters after attention and after the MLP (Houlsby; common/adapters.py),
+  adapter  serial bottleneck adapters after attention and after the MLP (Houlsby; harnesses/adapters.py),
            width --adapter_size, up-projection zero-initialized so training starts from the base model
   qlora    LoRA on a 4-bit NF4 base (bitsandbytes). On CPU no eval-mode forward runs before training
            (it would repack the 4-bit weights and corrupt the gradients): held-out loss after training only
@@ -17,7 +17,7 @@ Learning rates differ per method (full fine-tuning takes smaller steps); they ar
 
 Run:
     bash launch/adapter_vs_full.sh
-    python recipes/adapter_vs_full.py --config recipes/configs/adapter_vs_full.yaml [--key value ...]
+    python harnesses/adapter_vs_full.py --config harnesses/configs/adapter_vs_full.yaml [--key value ...]
 
 Writes to --output_dir: adapter_vs_full.json and .md (the table), loss.png (train loss of every
 method), metrics.json, manifest.json, runs/<method>/ (each method's metrics.json and log.txt).
@@ -34,8 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
-from common import checks, compare  # noqa: E402
-from common.compare import RunSpec, fmt_loss, gib  # noqa: E402
+from common import checks
+from harnesses import compare  # noqa: E402
+from harnesses.compare import RunSpec, fmt_loss, gib  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.run_files import now, write_json, write_manifest  # noqa: E402
 
