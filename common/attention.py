@@ -5,7 +5,7 @@ materialising a dense block-diagonal [T, T] mask and running ONE masked attentio
 row: every query meets every key of every other example, and the mask throws those scores away.
 In a torch.profiler trace of one packed SmolLM2-135M micro-batch (1,270 tokens, 2-core CPU) that
 attention was 36% of the step; the benchmark's ablation gives its share of a whole run
-(README "Performance benchmark"; CHRONICLES "Packed attention pays for the whole row squared").
+(docs/performance.md, "Performance benchmark"; CHRONICLES "Packed attention pays for the whole row squared").
 
 `sdpa_packed` runs `scaled_dot_product_attention(is_causal=True)` once per example instead: the
 same result (isolation by construction, and `packed_attention_leak` still checks it on the real

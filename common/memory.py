@@ -55,7 +55,7 @@ bound for the recipes, whose LM head runs on labelled positions only).
 `peak_bytes` predicts what a recipe's metrics.json reports as `peak_memory_bytes` on that device
 (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM, see `cpu_rss_peak`).
 `required_bytes` adds what that measurement leaves out (CUDA context, allocator slack): compare it to a
-budget. README "Memory planner" has the validation table (predicted vs measured on CPU).
+budget. docs/memory.md, "Memory planner" has the validation table (predicted vs measured on CPU).
 """
 from __future__ import annotations
 

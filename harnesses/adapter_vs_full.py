@@ -23,7 +23,7 @@ Writes to --output_dir: adapter_vs_full.json and .md (the table), loss.png (trai
 method), metrics.json, manifest.json, runs/<method>/ (each method's metrics.json and log.txt).
 It writes numbers, not models: use recipes/sft_memory_diet.py to produce an adapter.
 
-Measured here: README.md, "Adapter vs full fine-tuning" (SmolLM2-135M, 2-core CPU VM).
+Measured here: docs/memory.md, "Adapter vs full fine-tuning" (SmolLM2-135M, 2-core CPU VM).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Run:
     CONFIG=harnesses/configs/benchmark_llama8b_gpu.yaml bash launch/benchmark.sh   # on an H100/H200:
         random-init Llama-3.1-8B architecture from tests/fixtures/configs/llama-3.1-8b.json, LoRA bf16 + QLoRA
 
-Measured here: README.md, "Performance benchmark" (the command there reproduces the table).
+Measured here: docs/performance.md, "Performance benchmark" (the command there reproduces the table).
 Internal: `python harnesses/benchmark.py trl_baseline SPEC.json` runs one TRL contestant (the parent does this).
 """
 from __future__ import annotations

@@ -31,7 +31,7 @@ Writes to --output_dir: memory_ladder.json and .md (the table), loss.png, metric
 runs/<rung>/ (each rung's metrics.json and log.txt). A rung that fails (e.g. DeepSpeed not installed)
 is a table row with its error; the exit code is then 1.
 
-Measured here: README.md, "Memory ladder" (SmolLM2-135M, 2-core CPU VM).
+Measured here: docs/memory.md, "Memory ladder" (SmolLM2-135M, 2-core CPU VM).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ predicted_vs_measured.png, metrics.json (summary), manifest.json, and runs/<name
 A configuration whose run already finished in runs/<name> is not run again (its measurement is
 re-read and re-predicted); delete that folder to measure again.
 
-Measured here: the table in README.md, "Memory planner" (2-core CPU VM, no GPU): about 5 minutes per
+Measured here: the table in docs/memory.md, "Memory planner" (2-core CPU VM, no GPU): about 5 minutes per
 configuration on the shared, loaded VM, an hour for the 12 in the config.
 """
 from __future__ import annotations

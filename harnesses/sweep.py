@@ -34,7 +34,7 @@ SIGTERM/SIGINT: forwarded to the running trial, which saves a checkpoint and exi
 then stops and exits 75 too. Rerun the same command to resume. Exit codes: 0 when at least one
 trial finished, 1 when none did (or a bad space), 2 a bad option, 75 stopped by a signal.
 
-Measured here: README.md, "Hyperparameter sweep" (2-core CPU VM shared with other jobs): one SmolLM2
+Measured here: docs/sweep.md, "Hyperparameter sweep" (2-core CPU VM shared with other jobs): one SmolLM2
 trial of the default sweep took 33 min under load 8-10; a 4-trial grid on the tiny model took 5 min.
 """
 from __future__ import annotations

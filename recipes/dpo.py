@@ -21,7 +21,7 @@ Run:
     python recipes/dpo.py --config recipes/configs/dpo.yaml [--key value ...]
 
 Measured here (SmolLM2-135M-Instruct, data/preference, 2-core CPU): see "Preference alignment" in
-README.md; the figures are in runs/dpo/metrics.json.
+docs/alignment.md; the figures are in runs/dpo/metrics.json.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ Run:
 Writes metrics.json (every figure), results.md (the table, also printed), generations.json, manifest.json,
 loss.png (per-set loss, model vs baseline).
 
-Measured here (SmolLM2-135M-Instruct + the quickstart adapter, 2-core CPU): see README.md, "Evaluate".
+Measured here (SmolLM2-135M-Instruct + the quickstart adapter, 2-core CPU): see docs/export.md, "Evaluate".
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ Run:
     bash launch/merge_export.sh --adapter_path runs/sft_memory_diet/adapter
     python recipes/merge_export.py --config recipes/configs/merge_export.yaml [--key value ...]
 
-Measured here (SmolLM2-135M-Instruct quickstart adapter, 2-core CPU): see README.md, "Merge and export".
+Measured here (SmolLM2-135M-Instruct quickstart adapter, 2-core CPU): see docs/export.md, "Merge and export".
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ log = logging.getLogger(RECIPE)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |logit diff| allowed against the fp32 adapter model. fp32: merge reassociation only (measured ~1e-5);
-# bf16/fp16: weight rounding plus bf16/fp16 compute in the fresh process (measured on SmolLM2, see README).
+# bf16/fp16: weight rounding plus bf16/fp16 compute in the fresh process (measured on SmolLM2, see docs/export.md).
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 0.5, "bf16": 2.0}
 
 

@@ -23,7 +23,7 @@ Run:
     python recipes/ppo.py --config recipes/configs/ppo.yaml [--key value ...]
 
 Measured here (SmolLM2-135M-Instruct, data/preference prompts, 2-core CPU): see "Preference alignment"
-in README.md; the figures are in runs/ppo/metrics.json.
+in docs/alignment.md; the figures are in runs/ppo/metrics.json.
 """
 from __future__ import annotations
 

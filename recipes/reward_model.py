@@ -12,7 +12,7 @@ Run:
     python recipes/reward_model.py --config recipes/configs/reward_model.yaml [--key value ...]
 
 Measured here (SmolLM2-135M-Instruct, data/preference, 2-core CPU): see "Preference alignment" in
-README.md; the figures are in runs/reward_model/metrics.json.
+docs/alignment.md; the figures are in runs/reward_model/metrics.json.
 """
 from __future__ import annotations
 

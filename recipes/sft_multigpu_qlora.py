@@ -12,7 +12,7 @@ ranks compare their final loss and a checksum of the trainable weights.
 Run:  bash launch/multigpu_qlora.sh                      # NPROC processes (GPUs, or 2 CPU processes)
       NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 bash launch/multigpu_qlora.sh   # on each node
       SHARDING=zero3 bash launch/multigpu_qlora.sh       # ddp | fsdp | zero2 | zero3
-Measured here: see the "Multi-GPU QLoRA" section of README.md.
+Measured here: see the "Multi-GPU QLoRA" section of docs/multigpu.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """harnesses/benchmark.py on the tiny model: both contestants on the same examples, exact FLOP counts.
 
-Nothing here is timed: throughput and MFU are the benchmark's output (README "Performance benchmark"),
+Nothing here is timed: throughput and MFU are the benchmark's output (docs/performance.md, "Performance benchmark"),
 not something a test on a shared machine could assert. What is asserted: both contestants trained on
 exactly the same tokens, the labelled-token relation between them, the FLOP formulas against a hand
 count for the tiny config, and the report files.

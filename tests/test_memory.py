@@ -298,7 +298,7 @@ def test_batch_size_finder_returns_the_largest_that_fits():
 
 
 # ---------------------------------------------------------------------------------------------
-# The validation recipe's plumbing (the runs themselves take minutes: see README "Memory planner")
+# The validation recipe's plumbing (the runs themselves take minutes: see docs/memory.md, "Memory planner")
 # ---------------------------------------------------------------------------------------------
 def test_validation_recipe_specs_and_help():
     from harnesses import memory_validation as mv
