@@ -133,11 +133,11 @@ class LoraOptions:
     def lora_targets(self) -> list[str] | str:
         return "all-linear" if self.lora_target_modules == ["all-linear"] else self.lora_target_modules
 
-    def lora_config(self):
+    def lora_config(self, task_type: str = "CAUSAL_LM"):
         from peft import LoraConfig
 
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=self.lora_targets, bias="none", task_type="CAUSAL_LM")
+                          target_modules=self.lora_targets, bias="none", task_type=task_type)
 
 
 def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str] | str, quantized: bool,

@@ -138,11 +138,14 @@ def test_pairs_longer_than_max_length_are_an_error_not_silently_dropped(tiny_dir
     """TRL's RewardTrainer filters out pairs longer than max_length without a word; the recipe refuses them,
     naming file:line, before it writes anything."""
     from common.checks import CheckFailed
-    from recipes.reward_model import Config, main
+    from common.config import parse_config
+    from recipes.reward_model import CONFIGS, main
 
+    cfg, args = parse_config(CONFIGS, ["--model_name_or_path", str(tiny_dir), "--max_length", "40",
+                                       "--output_dir", str(tmp_path / "never")])
     with pytest.raises(CheckFailed, match=r"pairs are longer than --max_length 40 \(TRL's RewardTrainer would drop "
                                           r"them without a word\): data/preference/train.jsonl:1 \("):
-        main(Config(model_name_or_path=str(tiny_dir), max_length=40, output_dir=str(tmp_path / "never")))
+        main(cfg, args)
     assert not (tmp_path / "never").exists()
 
 def test_score_head_left_frozen_by_a_lora_config_without_task_type_is_caught(tiny_dir):
