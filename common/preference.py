@@ -197,3 +197,59 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, device: str
     use_distinct_pad_token(tokenizer, model)
     model.requires_grad_(False)
     return model.to(device).eval(), tokenizer
+
+
+# ---- held-out log-probabilities of preference pairs (summed over the completion tokens, as TRL's DPO does) --
+def tokenize_pairs(tokenizer, records) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token ids of each pair."""
+    out = []
+    for r in records:
+        p, c = split_prompt_completion(tokenizer, r["prompt"], r["chosen"])
+        _, j = split_prompt_completion(tokenizer, r["prompt"], r["rejected"])
+        out.append((p, c, j))
+    return out
+
+
+@torch.no_grad()
+def completion_logps(model, pairs, pad_id: int, bf16: bool, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Summed log-prob and token count of the chosen and rejected completions of each pair."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    seqs = [(p + c, len(p)) for p, c, _ in pairs] + [(p + j, len(p)) for p, _, j in pairs]
+    logps, lengths = [], []
+    try:
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            width = max(len(s) for s, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            completion = torch.zeros_like(ids, dtype=torch.bool)
+            for row, (s, start) in enumerate(chunk):
+                ids[row, :len(s)] = torch.tensor(s)
+                mask[row, :len(s)] = 1
+                completion[row, start:len(s)] = True
+            ids, mask, completion = ids.to(device), mask.to(device), completion.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            token_logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            keep = completion[:, 1:]
+            logps.append((token_logps * keep).sum(-1).cpu())
+            lengths.append(keep.sum(-1).cpu())
+    finally:
+        model.train(was_training)
+    logps, lengths = torch.cat(logps), torch.cat(lengths)
+    n = len(pairs)
+    return {"chosen": logps[:n], "rejected": logps[n:], "chosen_len": lengths[:n], "rejected_len": lengths[n:]}
+
+
+def preference_figures(policy: dict, reference: dict, beta: float) -> dict:
+    """Implicit-reward accuracy and margin of `policy` against `reference` (DPO's r = beta * log-ratio)."""
+    rc = beta * (policy["chosen"] - reference["chosen"])
+    rr = beta * (policy["rejected"] - reference["rejected"])
+    per_token_c = policy["chosen"] / policy["chosen_len"]
+    per_token_r = policy["rejected"] / policy["rejected_len"]
+    return {"reward_accuracy": float((rc > rr).float().mean()), "reward_margin": float((rc - rr).mean()),
+            "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
+            "logp_accuracy": float((per_token_c > per_token_r).float().mean()),
+            "chosen_logp": float(policy["chosen"].mean()), "rejected_logp": float(policy["rejected"].mean())}

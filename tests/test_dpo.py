@@ -60,7 +60,7 @@ def test_lora_trained_base_and_reference_untouched_and_margin_reproduces(lora_ru
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.preference import load_preference
-    from recipes.dpo import completion_logps, preference_figures, tokenize_pairs
+    from common.preference import completion_logps, preference_figures, tokenize_pairs
 
     out, _ = lora_run
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -119,10 +119,13 @@ def test_orpo_and_kto_behind_the_algorithm_flag(tiny_dir, tmp_path, algorithm):
 
 def test_orpo_with_precomputed_reference_is_refused(tmp_path):
     from common.checks import CheckFailed
-    from recipes.dpo import Config, main
+    from common.config import parse_config
+    from recipes.dpo import CONFIGS, main
 
+    cfg, args = parse_config(CONFIGS, ["--algorithm", "orpo", "--precompute_ref_log_probs", "true",
+                                       "--output_dir", str(tmp_path / "never")])
     with pytest.raises(CheckFailed, match="ORPO has no reference model"):
-        main(Config(algorithm="orpo", precompute_ref_log_probs=True, output_dir=str(tmp_path / "never")))
+        main(cfg, args)
     assert not (tmp_path / "never").exists()
 
 
