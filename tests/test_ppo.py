@@ -106,7 +106,7 @@ def test_programmatic_reward_needs_grpo(tmp_path):
 
 
 def test_concise_reward():
-    from recipes.ppo import concise_reward
+    from common.rl import concise_reward
 
     assert concise_reward("Paris is the capital of France.", True, 20) == 1.0
     assert concise_reward(" ".join(["word"] * 30), True, 20) == 0.5
@@ -163,7 +163,7 @@ def test_ppo_trainer_outside_trl_1_12_is_named(monkeypatch):
     import sys
 
     from common.checks import CheckFailed
-    from recipes.ppo import import_ppo
+    from common.rl import import_ppo
 
     with pytest.raises(ImportError, match="cannot import name 'PPOTrainer' from 'trl'"):
         from trl import PPOTrainer  # noqa: F401
@@ -237,7 +237,7 @@ def test_reference_tolerance_fits_bf16_rounding(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.preference import load_preference, prompt_ids
-    from recipes.ppo import FROZEN_TOLERANCE, reference_tolerance, sequence_logps
+    from common.rl import FROZEN_TOLERANCE, reference_tolerance, sequence_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     prompts = [prompt_ids(tok, r["prompt"]) for r in load_preference(REPO / "data/samples/preference_chat.jsonl")]
