@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO, run
-from test_merge_export import LAUNCHER, load_recipe
+from test_merge_export import LAUNCHER
 
 LLAMA_CPP_DIR = REPO / ".cache" / "llama.cpp"
 MISSING = ("llama-cpp-python is not installed" if importlib.util.find_spec("llama_cpp") is None else
@@ -97,7 +97,9 @@ def test_modelfile_beside_the_gguf_loads_in_llama_cpp(export):
 def test_a_tokenizer_llama_cpp_does_not_know_is_refused_with_its_hash(tiny_dir, tmp_path):
     """The tiny asset's tokenizer is trained locally: llama.cpp's converter hashes how it splits a fixed text,
     finds no known pre-tokenizer and refuses (rather than writing one llama.cpp cannot load)."""
-    recipe = load_recipe("merge_export")
-    with pytest.raises(recipe.checks.CheckFailed, match=r"does not know this tokenizer's pre-tokenizer \(chkhsh [0-9a-f]{64}\)"):
-        recipe.convert_to_gguf(tiny_dir, tmp_path / "tiny.gguf", "f16", LLAMA_CPP_DIR)
+    from common import gguf as gguf_mod
+    from common.checks import CheckFailed
+
+    with pytest.raises(CheckFailed, match=r"does not know this tokenizer's pre-tokenizer \(chkhsh [0-9a-f]{64}\)"):
+        gguf_mod.convert_to_gguf(tiny_dir, tmp_path / "tiny.gguf", "f16", LLAMA_CPP_DIR)
     assert not os.path.exists(tmp_path / "tiny.gguf")
