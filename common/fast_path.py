@@ -78,7 +78,7 @@ def plan_memory(cfg, device: torch.device, precision: str, optim: str, model_pat
     return result
 
 
-PACKING_LEAK_TOLERANCE = 1e-3  # isolated: exactly 0 (tests/test_packing.py); a leak: ~0.3 (tiny) to ~25 (SmolLM2)
+PACKING_LEAK_TOLERANCE = 1e-3  # isolated: exactly 0 (tests/recipes/test_packing.py); a leak: ~0.3 (tiny) to ~25 (SmolLM2)
 
 
 def resolve_liger(requested: str, device: torch.device) -> bool:
@@ -106,7 +106,7 @@ def resolve_liger(requested: str, device: torch.device) -> bool:
 
 def packing_supported(attn: str, device: torch.device) -> bool:
     """Attention implementations whose packed-sequence masking is verified: sdpa and eager build a
-    block-diagonal mask from restarting position_ids (tests/test_packing.py checks it numerically on CPU),
+    block-diagonal mask from restarting position_ids (tests/recipes/test_packing.py checks it numerically on CPU),
     flash-attn uses varlen cu_seqlens (CUDA). The run also measures it on its own model before step 1."""
     return attn in ("sdpa", "eager", "sdpa_packed") or (device.type == "cuda" and attn in ("flash_attention_2", "flash_attention_3"))
 

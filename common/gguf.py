@@ -34,7 +34,7 @@ QUANT_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q
                 "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
                 "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 # Types whose greedy llama.cpp answers must equal the merged HF model's (--gguf_exact_answers). Measured on
-# SmolLM2-135M-Instruct with a small LoRA (tests/test_gguf_llamacpp.py): f16 and bf16 6/6 identical; q8_0 0/6
+# SmolLM2-135M-Instruct with a small LoRA (tests/recipes/test_gguf_llamacpp.py): f16 and bf16 6/6 identical; q8_0 0/6
 # (teacher-forced top-1 agreement 0.97: its rounding flips near-ties in open-ended answers), k-quants 0/6.
 # q8_0 and the k-quants are reported, not gated.
 EXACT_TYPES = {"f32", "f16", "bf16"}

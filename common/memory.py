@@ -372,7 +372,7 @@ def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = Tru
     """(bytes per token, bytes per layer independent of tokens) that autograd keeps for one decoder layer.
 
     Read off the tensors transformers' Llama/Mistral block saves (checked against a saved-tensor hook
-    count in tests/test_memory.py). Dtypes from `_dtypes`. Bitsandbytes' Linear4bit returns its input's
+    count in tests/unit/test_memory.py). Dtypes from `_dtypes`. Bitsandbytes' Linear4bit returns its input's
     dtype, so QLoRA's projections come out fp32. `peft_cast`: peft casts each adapter's input to the
     adapter's fp32 dtype (then autocast casts that copy back for the matmul); the recipes' Trainer turns it
     off under autocast, so an adapter reads its input as it is.

@@ -27,7 +27,7 @@ class TokenCountingTrainer(Trainer):
     trackers, on_evaluate) and is the number recipes/evaluate.py reports for the saved adapter at the same
     precision.
 
-    Two speed-ups, each off with its attribute (tests/test_fast_path.py checks both give the same loss and
+    Two speed-ups, each off with its attribute (tests/unit/test_fast_path.py checks both give the same loss and
     gradients as the plain path):
     - `labelled_logits_only`: the LM head and the cross-entropy run only at positions whose next token is
       labelled (`logits_to_keep` as a boolean mask + `shift_labels`), not over the whole vocabulary for every

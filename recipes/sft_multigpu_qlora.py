@@ -103,7 +103,7 @@ def main(cfg: Config) -> dict | None:
     on_cpu = rank.device.type == "cpu"
     if cfg.sharding == "fsdp" and on_cpu:
         raise checks.CheckFailed("--sharding fsdp on CPU: the Trainer silently falls back to plain DDP there. Use "
-                                 "ddp, zero2 or zero3 on CPU; FSDP2 runs on GPUs (tests/test_multigpu.py shows raw "
+                                 "ddp, zero2 or zero3 on CPU; FSDP2 runs on GPUs (tests/recipes/test_multigpu.py shows raw "
                                  "fully_shard over gloo)")
     if cfg.method == "qlora" and cfg.sharding == "zero3" and on_cpu:
         raise checks.CheckFailed("--method qlora with --sharding zero3 needs GPUs (ZeRO-3 partitions the 4-bit "

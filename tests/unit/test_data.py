@@ -3,12 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from conftest import REPO  # noqa: E402
 
 from common.data import (  # noqa: E402
     FORMATS, DataError, Record, detect_format, load_dataset_file, load_records, to_messages, validate_records,

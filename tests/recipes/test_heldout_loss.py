@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest, also under torchrun
+from conftest import REPO, run  # noqa: E402
 
 EVAL_SET = REPO / "data/samples/chat.jsonl"  # 12 conversations of different lengths
 

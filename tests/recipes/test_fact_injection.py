@@ -8,7 +8,7 @@ Before training the answers are absent (base model), after training they are pre
 merged folder loaded with stock from_pretrained by a separate process gives them too.
 
 FACT_INJECTION_TRAIN_DIR=runs/sft_memory_diet reuses a finished quickstart run for step 1 instead of
-training again (tests/test_quickstart.py covers the training itself); its manifest must show the defaults.
+training again (tests/recipes/test_quickstart.py covers the training itself); its manifest must show the defaults.
 """
 import json
 import os

@@ -54,7 +54,7 @@ DATA_CASES = {
     "whitespace_only.jsonl": ((), None, "file is empty; write at least one record"),
     "chosen_equals_rejected.jsonl": (("--format", "preference"), 2, SAME_PAIR),
     "chosen_equals_rejected_chat.jsonl": (("--format", "preference"), 1, SAME_PAIR),
-    # hostile data (tests/test_hostile_data.py covers each in depth)
+    # hostile data (tests/recipes/test_hostile_data.py covers each in depth)
     "control_token_in_content.jsonl": ((), 2, "messages[1] (assistant) content contains the chat control token "
                                               "'<|im_end|>': the tokenizer reads it as a real turn or sequence boundary, "
                                               "not as text, so the words after it would be trained as another turn; "

@@ -1,5 +1,5 @@
 """metrics.json of a resumed run covers the whole run (every segment) in the DPO, reward-model and multi-GPU
-QLoRA recipes, as in sft_memory_diet (tests/test_run_safety.py): a 4-step run saving every 2 steps, then the
+QLoRA recipes, as in sft_memory_diet (tests/recipes/test_run_safety.py): a 4-step run saving every 2 steps, then the
 same run interrupted after checkpoint-2 (its later checkpoint and final files deleted) and resumed."""
 import json
 import socket

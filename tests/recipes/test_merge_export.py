@@ -1,12 +1,12 @@
 """recipes/merge_export.py on the tiny model: merge, merged/ + adapter/, fresh-process verification, refusals,
 the GGUF step without the export extra (skipped with one line, or refused when asked for), the Ollama Modelfile.
 The GGUF files themselves (llama.cpp's converter and quantizer, checked in llama.cpp) are in
-tests/test_gguf_llamacpp.py (`pytest -m llamacpp`, needs `bash launch/setup_export.sh`).
+tests/recipes/test_gguf_llamacpp.py (`pytest -m llamacpp`, needs `bash launch/setup_export.sh`).
 
 The adapters here are built directly with peft in the layout sft_memory_diet.py leaves (<run>/adapter with
 the tokenizer, <run>/manifest.json with config.method), with random LoRA B (init_lora_weights=False) so the
 merge moves every targeted weight far more than a few training steps would. The slow test
-tests/test_fact_injection.py merges a really trained SmolLM2 adapter.
+tests/recipes/test_fact_injection.py merges a really trained SmolLM2 adapter.
 """
 import importlib.util
 import json
