@@ -98,6 +98,29 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def run_on_every_rank(main, cls, argv: list[str] | None = None) -> None:
+    """A multi-rank recipe's entry point: parse, call main, and end the rank through exit_process. A check,
+    data or run-directory error is one `error:` line (exit 1); exit_for_requeue keeps its 75; anything else
+    prints its traceback (torchrun then names the rank that failed first)."""
+    import traceback
+
+    from common.config import parse_config
+    from common.run import RUN_ERRORS
+
+    config = parse_config(cls, argv)
+    code = 1
+    try:
+        main(config)
+        code = 0
+    except RUN_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+    except SystemExit as e:  # exit_for_requeue (75)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    exit_process(code)  # destroys the process group (a rank that skips it can hang its peers)
+
+
 def exit_process(code: int) -> None:
     """End a rank: destroy the process group, flush logs and stdio, and leave with `os._exit(code)`.
 

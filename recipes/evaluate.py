@@ -46,10 +46,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: 
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import OutputDirError, prepare_output_dir  # noqa: E402
+from common.checkpoints import prepare_output_dir  # noqa: E402
 from common.collator import tokenize_sft  # noqa: E402
-from common.config import parse_config  # noqa: E402
-from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
+from common.run import run_recipe  # noqa: E402
+from common.data import load_dataset_file, to_messages  # noqa: E402
 from common.evaluation import (generate_batched, keyword_accuracy, normalize_answer, parse_label,  # noqa: E402
                                perplexity, stop_token_ids, text_metrics, token_weighted_nll)
 from common.models import DTYPES, resolve_precision  # noqa: E402
@@ -324,9 +324,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    config = parse_config(Config)
-    try:
-        main(config)
-    except (checks.CheckFailed, DataError, OutputDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_recipe(main, Config)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from common import distributed as ddp  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
-from common.config import parse_config  # noqa: E402
 from common.data import load_dataset_file, to_messages  # noqa: E402
 from common.run_files import write_json  # noqa: E402
 
@@ -101,11 +99,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    config = parse_config(Config)
-    code = 1
-    try:
-        main(config)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    ddp.exit_process(code)  # destroys the process group; see CHRONICLES 47
+    ddp.run_on_every_rank(main, Config)

@@ -55,9 +55,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import OutputDirError, prepare_output_dir  # noqa: E402
-from common.config import parse_config  # noqa: E402
-from common.data import DataError, load_dataset_file, to_messages  # noqa: E402
+from common.checkpoints import prepare_output_dir  # noqa: E402
+from common.run import run_recipe  # noqa: E402
+from common.data import load_dataset_file, to_messages  # noqa: E402
 from common.evaluation import end_of_turn_token_id  # noqa: E402
 from common.gguf import (GGUF_TYPES, QUANT_FTYPES, REPO_ROOT, SETUP_EXPORT, export_extra_missing,  # noqa: E402
                          export_gguf)
@@ -444,9 +444,4 @@ def compare_with_4bit_training(base_dir: Path, adapter_dir: Path, inputs: dict, 
 
 
 if __name__ == "__main__":
-    config = parse_config(Config)
-    try:
-        main(config)
-    except (checks.CheckFailed, DataError, OutputDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_recipe(main, Config)

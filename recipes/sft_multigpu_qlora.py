@@ -21,7 +21,6 @@ import logging
 import math
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,11 +34,10 @@ from transformers import AutoTokenizer, TrainingArguments, set_seed  # noqa: E40
 from common import checks  # noqa: E402
 from common import distributed as ddp  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, NonFiniteGuard, RunError,  # noqa: E402
+from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, NonFiniteGuard,  # noqa: E402
                                 RunSegments, SaveOnSignal, exit_for_requeue, explain_disk_full, prepare_output_dir)
 from common.collator import CausalLMCollator, tokenize_sft  # noqa: E402
-from common.config import parse_config  # noqa: E402
-from common.data import DataError, check_control_tokens, load_sft_data, sft_items  # noqa: E402
+from common.data import check_control_tokens, load_sft_data, sft_items  # noqa: E402
 from common.models import DTYPES, attach_lora, load_base_model, pick_attn_implementation, resolve_precision  # noqa: E402
 from common.run_files import PeakMemory, device_name, estimated_cost, now, plot_loss, write_json, write_manifest  # noqa: E402
 from common.trainer import TokenCountingTrainer, keep_tracking_in_run_dir  # noqa: E402
@@ -243,15 +241,4 @@ def main(cfg: Config) -> dict | None:
 
 
 if __name__ == "__main__":
-    config = parse_config(Config)
-    code = 1
-    try:
-        main(config)
-        code = 0
-    except (checks.CheckFailed, DataError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-    except SystemExit as e:  # exit_for_requeue (75)
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    ddp.exit_process(code)  # destroys the process group; see CHRONICLES 47
+    ddp.run_on_every_rank(main, Config)
