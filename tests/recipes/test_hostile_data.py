@@ -21,6 +21,7 @@ import pytest
 
 from conftest import REPO
 
+from common.config import parse_config  # noqa: E402
 from common.data import (  # noqa: E402
     CONTROL_MARKERS, DataError, Record, check_control_tokens, load_records, load_sft_data, sft_items, split_eval,
     validate_records,
@@ -499,7 +500,7 @@ def test_csv_alpaca_train_file_with_the_default_chat_eval_set(tiny_dir, tmp_path
     try:
         monkeypatch.chdir(REPO)
         recipe = load_recipe(SFT)
-        cfg, args = recipe.parse_config(recipe.CONFIGS, ["--config", "recipes/configs/sft_memory_diet.yaml", *data,
+        cfg, args = parse_config(recipe.CONFIGS, ["--config", "recipes/configs/sft_memory_diet.yaml", *data,
                                                          "--output_dir", str(tmp_path / "sft"), "--max_new_tokens", "2"])
         assert cfg.eval_dataset_path == "data/persona/heldout.jsonl"  # the default chat-format held-out set
         single = recipe.main(cfg, args)
@@ -559,7 +560,7 @@ def test_recipes_refuse_a_split_that_leaves_nothing_to_train_on(script, tiny_dir
         recipe = load_recipe(script)
         monkeypatch.chdir(REPO)
         with pytest.raises(DataError) as e:
-            configs = recipe.parse_config(getattr(recipe, "CONFIGS", recipe.Config), argv + ["--output_dir", str(tmp_path / "out")])
+            configs = parse_config(getattr(recipe, "CONFIGS", recipe.Config), argv + ["--output_dir", str(tmp_path / "out")])
             recipe.main(*(configs if isinstance(configs, tuple) else (configs,)))
         line = f"error: {e.value}"
         assert not (tmp_path / "out").exists()
