@@ -8,7 +8,6 @@ the tokenizer, <run>/manifest.json with config.method), with random LoRA B (init
 merge moves every targeted weight far more than a few training steps would. The slow test
 tests/recipes/test_fact_injection.py merges a really trained SmolLM2 adapter.
 """
-import importlib.util
 import json
 import shutil
 import sys
@@ -25,12 +24,9 @@ TEXT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>
 
 
 def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    if spec.name not in sys.modules:  # dataclasses resolve annotations through sys.modules
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[spec.name]
+    from common.config import load_recipe as load_file
+
+    return load_file(REPO / "recipes" / f"{name}.py")
 
 
 def make_adapter(base_dir, run_dir, method="lora", seed=0):
