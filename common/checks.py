@@ -182,6 +182,23 @@ def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:
 # ---------------------------------------------------------------------------------------------
 # Labels, EOS, chat template
 # ---------------------------------------------------------------------------------------------
+def check_first_batch(model, features: list[dict], collator, padded_collator, tokenizer, device: torch.device,
+                      precision: str, labelled_logits_only: bool) -> None:
+    """The first micro-batch, run like a training step: labels built after padding, then gradients that reach
+    every trainable tensor (in the batch layout and precision training uses)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    from common.trainer import accepts_logits_to_keep, labelled_logits_inputs
+
+    check_labels(padded_collator(features), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    batch = {k: v for k, v in collator(features).items() if torch.is_tensor(v)}
+    if labelled_logits_only and accepts_logits_to_keep(model):
+        batch = labelled_logits_inputs(batch)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), \
+            disable_input_dtype_casting(model, active=precision == "bf16"):
+        check_gradient_flow(model, batch)
+
+
 def check_labels(batch: dict[str, torch.Tensor], eos_token_id: int, pad_token_id: int | None) -> float:
     """Every example has labelled tokens and learns EOS; returns the batch's labelled fraction."""
     labels, attention = batch["labels"], batch["attention_mask"]

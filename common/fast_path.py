@@ -6,10 +6,13 @@
 - resolve_packing: padding-free packed micro-batches only where the attention implementation is verified to
   keep packed examples apart (the recipe also measures it on its own model before step 1).
 - resolve_liger: Liger's Triton kernels on CUDA when installed.
+- choose_fast_path: all of the above for one run, as a FastPath (which also measures packing on the model).
 """
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,3 +128,87 @@ def resolve_packing(requested: str, attn: str, device: torch.device) -> bool:
     log.info("packing auto: %s on %s is not verified to keep packed examples apart; using length-grouped padded "
              "batches", attn, device.type)
     return False
+
+
+@dataclass
+class FastPath:
+    """What an SFT run decided about its batches and kernels (the metrics.json figures of the same names)."""
+    attn: str
+    packing: bool
+    collator: object
+    padded_collator: object
+    optim: str
+    plan: dict
+    liger: bool
+    allocator_tuned: bool
+    leak: float | None = None
+
+    @property
+    def micro_batch(self) -> int:
+        return self.plan["per_device_train_batch_size"]
+
+    @property
+    def accumulation(self) -> int:
+        return self.plan["gradient_accumulation_steps"]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.plan["gradient_checkpointing"]
+
+    def batching(self, sampling_strategy: str) -> str:
+        if self.packing:
+            return "packed"
+        return "length_grouped" if sampling_strategy == "group_by_length" and self.micro_batch > 1 else "padded"
+
+    def keep_plan_on_resume(self, plan_file: Path, resume_from) -> None:
+        """A resumed run keeps its batch shape, whatever memory is free now."""
+        if resume_from and plan_file.is_file():
+            self.plan = {**json.loads(plan_file.read_text()), "resumed": True}
+            log.info("resuming with the interrupted run's memory plan (micro-batch %d x %d)", self.micro_batch,
+                     self.accumulation)
+
+    def check_packing(self, model, features: list[dict], requested: str) -> None:
+        """Measured, not assumed: packed examples that attend to each other would corrupt every step."""
+        from common.collator import packed_attention_leak
+
+        if not self.packing or len(features) < 2:
+            return
+        self.leak = packed_attention_leak(model, features[:2], self.collator)
+        if self.leak <= PACKING_LEAK_TOLERANCE:
+            log.info("packing: padding-free micro-batches, checked isolated with %s (logit change %.3g)", self.attn,
+                     self.leak)
+            return
+        what = (f"packed examples attend to each other with attn_implementation {self.attn} (the 2nd example's "
+                f"logits moved by {self.leak:.3g} when the 1st example's tokens changed)")
+        if requested == "true":
+            raise checks.CheckFailed(f"{what}. Use --packing false (length-grouped padded batches) or another "
+                                     "--attn_implementation")
+        log.warning("%s: using length-grouped padded batches instead", what)
+        self.packing, self.collator = False, self.padded_collator
+
+
+def choose_fast_path(cfg, args, device: torch.device, precision: str, model_path: str, pad_token_id: int,
+                     batch_pinned: bool) -> FastPath:
+    """Attention, packing, collator, optimizer, memory plan and kernels for an SFT run, before the model loads."""
+    from common.attention import register as register_packed_attention
+    from common.collator import CausalLMCollator, PaddingFreeCollator
+    from common.models import pick_attn_implementation, tune_cpu_allocator
+
+    attn = pick_attn_implementation(cfg.attn_implementation, device)
+    packing = resolve_packing(cfg.packing, attn, device)
+    padded = collator = CausalLMCollator(pad_token_id, pad_to_multiple_of=8)
+    if packing and (attn == "sdpa_packed" or (attn == "sdpa" and cfg.attn_implementation == "auto")):
+        attn = register_packed_attention()  # per-example attention, no [T, T] mask over the row
+    elif attn == "sdpa_packed":
+        attn = "sdpa"
+    allocator_tuned = device.type == "cpu" and tune_cpu_allocator()
+    if packing:
+        collator = PaddingFreeCollator(flash_attn_kwargs=attn.startswith("flash_attention"))
+    optim = requested = str(getattr(args.optim, "value", args.optim))
+    if device.type == "cpu" and optim.startswith("paged_"):
+        optim = optim.replace("paged_", "", 1)
+        log.info("paged optimizers page GPU memory to the CPU; on CPU %s runs as %s", requested, optim)
+    plan = plan_memory(cfg, device, precision, optim, model_path, batch_pinned, args.per_device_train_batch_size,
+                       args.gradient_accumulation_steps)
+    return FastPath(attn, packing, collator, padded, optim, plan, resolve_liger(cfg.use_liger_kernel, device),
+                    allocator_tuned)

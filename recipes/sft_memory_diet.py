@@ -27,22 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
-from peft.helpers import disable_input_dtype_casting  # noqa: E402
 from transformers import AutoTokenizer, TrainingArguments  # noqa: E402
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
-from common.attention import register as register_packed_attention  # noqa: E402
-from common.collator import CausalLMCollator, PaddingFreeCollator, packed_attention_leak, tokenize_sft  # noqa: E402
+from common.collator import tokenize_sft  # noqa: E402
 from common.config import options_set_by_user, parse_config  # noqa: E402
 from common.data import check_control_tokens, load_sft_data, sft_items  # noqa: E402
-from common.evaluation import generate_replies, keyword_accuracy  # noqa: E402
-from common.fast_path import (BATCH_OPTIONS, PACKING_LEAK_TOLERANCE, plan_memory, resolve_liger,  # noqa: E402
-                              resolve_packing)
-from common.models import LoraOptions, attach_lora, load_base_model, pick_attn_implementation, tune_cpu_allocator  # noqa: E402
+from common.fast_path import BATCH_OPTIONS, choose_fast_path  # noqa: E402
+from common.models import LoraOptions, attach_lora, load_base_model  # noqa: E402
+from common.probes import KeywordProbe  # noqa: E402
 from common.run import RUN_ERRORS, Run, RunOptions  # noqa: E402
 from common.run_files import write_json  # noqa: E402
-from common.trainer import StepProfiler, TokenCountingTrainer, accepts_logits_to_keep, labelled_logits_inputs  # noqa: E402
+from common.trainer import StepProfiler, TokenCountingTrainer, accepts_logits_to_keep  # noqa: E402
 
 RECIPE = Path(__file__).stem  # a copy writes runs/<its name> and "recipe": "<its name>"
 log = logging.getLogger(RECIPE)
@@ -105,71 +102,38 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     eval_features = tokenize_sft(eval_items, tokenizer, cfg.max_length)[0] if eval_items else []
 
     # ---- fast by default: packing, memory plan (checkpointing, micro-batch), kernels ----------------
-    attn = pick_attn_implementation(cfg.attn_implementation, device)
-    packing = resolve_packing(cfg.packing, attn, device)
-    padded_collator = collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
-    if packing and (attn == "sdpa_packed" or (attn == "sdpa" and cfg.attn_implementation == "auto")):
-        attn = register_packed_attention()  # per-example attention, no [T, T] mask over the row
-    elif attn == "sdpa_packed":
-        attn = "sdpa"
-    allocator_tuned = device.type == "cpu" and tune_cpu_allocator()
-    if packing:
-        collator = PaddingFreeCollator(flash_attn_kwargs=attn.startswith("flash_attention"))
-    optim = requested_optim = str(getattr(args.optim, "value", args.optim))
-    if device.type == "cpu" and optim.startswith("paged_"):
-        optim = optim.replace("paged_", "", 1)
-        run.log.info("paged optimizers page GPU memory to the CPU; on CPU %s runs as %s", requested_optim, optim)
     batch_pinned = user_options is None or bool(user_options & set(BATCH_OPTIONS))
-    plan = plan_memory(cfg, device, precision, optim, model_path, batch_pinned,
-                       args.per_device_train_batch_size, args.gradient_accumulation_steps)
-    liger = resolve_liger(cfg.use_liger_kernel, device)
+    fast = choose_fast_path(cfg, args, device, precision, model_path, tokenizer.pad_token_id, batch_pinned)
 
     # the run directory is locked only now: a data, template or plan error above leaves it as it was
     resume_from = run.open()
     plan_file = run.output_dir / "memory_plan.json"
-    if resume_from and plan_file.is_file():  # a resumed run keeps its batch shape, whatever memory is free now
-        plan = {**json.loads(plan_file.read_text()), "resumed": True}
-        run.log.info("resuming with the interrupted run's memory plan (micro-batch %d x %d)",
-                     plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"])
-    grad_ckpt, micro, accum = (plan[k] for k in ("gradient_checkpointing", "per_device_train_batch_size",
-                                                 "gradient_accumulation_steps"))
+    fast.keep_plan_on_resume(plan_file, resume_from)
 
     # ---- model: base (bf16/fp32 or 4-bit) + LoRA + input-grad fix ----------------------------------
     run.measure_memory()
-    model = load_base_model(model_path, device, precision, cfg.method == "qlora", attn)
+    model = load_base_model(model_path, device, precision, cfg.method == "qlora", fast.attn)
     model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                        quantized=cfg.method == "qlora", gradient_checkpointing=grad_ckpt)
+                        quantized=cfg.method == "qlora", gradient_checkpointing=fast.gradient_checkpointing)
     lora_modules = checks.check_lora_targets(model, cfg.lora_targets)
     trainable, total = checks.log_parameter_counts(model)
     checks.check_model_device(model, device)
     guard = checks.Cpu4bitEvalGuard(model) if quantized_on_cpu else None
-    leak = None
-    if packing and len(train_features) >= 2:  # measured, not assumed: a leak would corrupt every step
-        leak = packed_attention_leak(model, train_features[:2], collator)
-        if leak > PACKING_LEAK_TOLERANCE:
-            what = (f"packed examples attend to each other with attn_implementation {attn} (the 2nd example's logits "
-                    f"moved by {leak:.3g} when the 1st example's tokens changed)")
-            if cfg.packing == "true":
-                raise checks.CheckFailed(f"{what}. Use --packing false (length-grouped padded batches) or another "
-                                         "--attn_implementation")
-            run.log.warning("%s: using length-grouped padded batches instead", what)
-            packing, collator = False, padded_collator
-        else:
-            run.log.info("packing: padding-free micro-batches, checked isolated with %s (logit change %.3g)", attn, leak)
-    grouped = args.train_sampling_strategy == "group_by_length" and micro > 1
-    batching = "packed" if packing else ("length_grouped" if grouped else "padded")
+    fast.check_packing(model, train_features, cfg.packing)
+    micro, accum, batching = fast.micro_batch, fast.accumulation, fast.batching(args.train_sampling_strategy)
 
     # ---- trainer -----------------------------------------------------------------------------------
     args = run.library_args(
-        args, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, optim=optim,
-        use_liger_kernel=liger, remove_unused_columns=False, prediction_loss_only=True,
+        args, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, optim=fast.optim,
+        use_liger_kernel=fast.liger, remove_unused_columns=False, prediction_loss_only=True,
         per_device_eval_batch_size=max(args.per_device_eval_batch_size, micro),
         eval_strategy=args.eval_strategy if eval_features else "no",
         # packed batches have no padding; "non_padding" would miss every EOS when pad == EOS (SmolLM2)
-        include_num_input_tokens_seen="all" if packing else "non_padding",
+        include_num_input_tokens_seen="all" if fast.packing else "non_padding",
         train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random")
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features,
-                                   eval_dataset=eval_features or None, data_collator=collator, processing_class=tokenizer,
+                                   eval_dataset=eval_features or None, data_collator=fast.collator,
+                                   processing_class=tokenizer,
                                    callbacks=run.callbacks(("trained_tokens", "trained_labelled_tokens", "trained_positions")))
     run.bind(trainer)
     trainer.labelled_logits_only = cfg.labelled_logits_only
@@ -179,28 +143,17 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
                  micro, accum, micro * accum, batching)
 
     # ---- fail-fast checks on one real batch, run like a training step ------------------------------
-    first = train_features[:micro]
-    checks.check_labels(padded_collator(first), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    check_batch = {k: v for k, v in collator(first).items() if torch.is_tensor(v)}
-    if cfg.labelled_logits_only and accepts_logits_to_keep(model):
-        check_batch = labelled_logits_inputs(check_batch)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), \
-            disable_input_dtype_casting(model, active=precision == "bf16"):
-        checks.check_gradient_flow(model, check_batch)
+    checks.check_first_batch(model, train_features[:micro], fast.collator, fast.padded_collator, tokenizer, device,
+                             precision, cfg.labelled_logits_only)
     run.started()
-    if not plan.get("resumed"):
-        write_json(plan_file, plan)
+    if not fast.plan.get("resumed"):
+        write_json(plan_file, fast.plan)
 
     # ---- before: held-out loss, generations, keyword accuracy --------------------------------------
-    probe = [r for r in eval_records if r.data.get("keywords")] if eval_fmt == "chat" else []
-    probe_convs, probe_keywords = [r.data["messages"][:-1] for r in probe], [r.data["keywords"] for r in probe]
+    probe = KeywordProbe(eval_records, eval_fmt, cfg.max_new_tokens)
 
     def scores() -> dict:
-        out = {"eval_loss": trainer.evaluate()["eval_loss"] if eval_features else None}
-        if probe:
-            out["replies"] = generate_replies(model, tokenizer, probe_convs, cfg.max_new_tokens)
-            out["keyword_accuracy"] = keyword_accuracy(out["replies"], probe_keywords)
-        return out
+        return {"eval_loss": trainer.evaluate()["eval_loss"] if eval_features else None, **probe.score(model, tokenizer)}
 
     before_file = run.output_dir / "before.json"
     if resume_from and before_file.is_file():
@@ -223,15 +176,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     after = scores()
     model.save_pretrained(run.output_dir / "adapter")
     tokenizer.save_pretrained(run.output_dir / "adapter")
-    if probe:
-        print("\n=== held-out prompts: before -> after training ===")
-        for i in range(min(cfg.sample_generations, len(probe))):
-            print(f"Q: {probe_convs[i][-1]['content']}")
-            print(f"  before: {before.get('replies', ['(not run: QLoRA on CPU)'] * len(probe))[i]}")
-            print(f"  after:  {after['replies'][i]}")
-        write_json(run.output_dir / "generations.json", {
-            "prompts": [c[-1]["content"] for c in probe_convs], "keywords": probe_keywords,
-            "before": before.get("replies"), "after": after["replies"]})
+    probe.report(before, after, cfg.sample_generations, run.output_dir / "generations.json")
 
     # ---- metrics.json, manifest, loss.png ------------------------------------------------------------
     tokens, labelled, positions = (whole[k] for k in ("trained_tokens", "trained_labelled_tokens", "trained_positions"))
@@ -248,9 +193,11 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
         "effective_batch_size": micro * accum, "per_device_train_batch_size": micro,
         "gradient_accumulation_steps": accum, "batching": batching, "trained_positions": positions,
         "padding_fraction": round(1 - tokens / positions, 4) if positions else None,
-        "packing_leak": leak, "attn_implementation": attn, "gradient_checkpointing": grad_ckpt, "liger_kernel": liger,
-        "memory_plan": plan, "allocator_tuned": allocator_tuned, "truncation": truncation.as_dict(), "optimizer": optim,
-        "labelled_logits_only": bool(trainer.labelled_logits_only and not liger and accepts_logits_to_keep(model)),
+        "packing_leak": fast.leak, "attn_implementation": fast.attn,
+        "gradient_checkpointing": fast.gradient_checkpointing, "liger_kernel": fast.liger,
+        "memory_plan": fast.plan, "allocator_tuned": fast.allocator_tuned, "truncation": truncation.as_dict(),
+        "optimizer": fast.optim,
+        "labelled_logits_only": bool(trainer.labelled_logits_only and not fast.liger and accepts_logits_to_keep(model)),
     }
     for key in ("eval_loss_before", "eval_loss_after"):
         if metrics[key] is not None:
