@@ -1,17 +1,24 @@
 """Evaluation pieces shared by recipes: batched greedy generation, keyword accuracy, token-weighted
-perplexity, text-overlap metrics (ROUGE, BLEU, chrF, exact match) and label parsing.
+perplexity, text-overlap metrics (ROUGE, BLEU, chrF, exact match) and label parsing; for recipes/evaluate.py
+also the model under test in its three forms (model folder, base + adapter, merged export), one set scored
+by one model (`score_set`), and the report (results table with deltas, per-set loss plot).
 
 Generation pads on the left (a right-padded prompt would make the model continue after pad
 tokens) and stops at the tokenizer's EOS and the chat template's end-of-turn token.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from common import checks
 
 
 @torch.no_grad()
@@ -46,8 +53,8 @@ def keyword_accuracy(replies: list[str], keywords: list[list[str]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Added for recipes/evaluate.py and recipes/merge_export.py: generation that reports how each reply
-# ended, token-weighted perplexity, text-overlap metrics, and the chat template's end-of-turn token.
+# Generation that reports how each reply ended, token-weighted perplexity, text-overlap metrics,
+# and the chat template's end-of-turn token (recipes/evaluate.py, recipes/merge_export.py).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -237,3 +244,140 @@ def parse_label(reply: str, labels: list[str]) -> str | None:
         return by_norm[norm]
     found = [label for n, label in by_norm.items() if re.search(rf"\b{re.escape(n)}\b", norm)]
     return found[0] if len(found) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The model under test, one set scored, and the report (recipes/evaluate.py)
+# ---------------------------------------------------------------------------------------------
+def load_model_under_test(name_or_path: str, adapter_path: str | None, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, description) for a model folder (a base or a merged export), an asset:... name, or a
+    base + adapter; an adapter folder passed as the model is read as its base + that adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.assets import resolve_model_path
+
+    path = Path(resolve_model_path(name_or_path))
+    if adapter_path is None and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        adapter_path, path = str(path), Path(resolve_model_path(
+            json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]))
+    if not (path / "config.json").is_file():
+        raise checks.CheckFailed(f"{name_or_path}: no config.json in {path}; pass a model folder, an asset:... name or "
+                                 "an adapter folder")
+    if adapter_path and not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise checks.CheckFailed(f"--adapter_path {adapter_path}: no adapter_config.json there")
+    tok_dir = Path(adapter_path) if adapter_path and (Path(adapter_path) / "tokenizer_config.json").is_file() else path
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)})
+    described = str(path)
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path)
+        described = f"{path} + adapter {adapter_path}"
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer, described
+
+
+def score_set(model, tokenizer, items: dict, classification: bool, max_length: int, batch_size: int,
+              max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """(metrics, one row per example) of one model on one set. `items`: prompts (messages or text), references,
+    keywords, `examples` as tokenize_sft takes them and, for a classification set, its `labels`. Perplexity over
+    the labelled tokens; greedy replies scored against the references (or as labels)."""
+    from common.collator import tokenize_sft
+
+    start = time.time()
+    features, truncation = tokenize_sft(items["examples"], tokenizer, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    nll, count = token_weighted_nll(model, features, pad, batch_size=max(1, batch_size // 2))
+    prompts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+               for p in items["prompts"]]
+    gens = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size,
+                            stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
+    replies, refs = [g.text for g in gens], items["references"]
+    metrics = {"examples": len(replies), "labelled_tokens": count, "loss": nll / count, "perplexity": perplexity(nll, count),
+               "truncated_examples": truncation.truncated_examples}
+    if classification:
+        predicted = [parse_label(r, items["labels"]) for r in replies]
+        metrics["accuracy"] = sum(p == ref for p, ref in zip(predicted, refs)) / len(refs)
+        metrics["exact_match"] = sum(normalize_answer(r) == normalize_answer(ref) for r, ref in zip(replies, refs)) / len(refs)
+        metrics["invalid_fraction"] = sum(p is None for p in predicted) / len(refs)
+        metrics["chance_accuracy"] = 1 / len(items["labels"])
+        metrics["labels"] = items["labels"]
+    else:
+        predicted = [None] * len(replies)
+        metrics.update(text_metrics(replies, refs))
+        with_keywords = [(r, k) for r, k in zip(replies, items["keywords"]) if k]
+        if with_keywords:
+            metrics["keyword_accuracy"] = keyword_accuracy(*zip(*with_keywords))
+    metrics["eos_stop_rate"] = sum(g.stopped_at_eos for g in gens) / len(gens)
+    metrics["mean_new_tokens"] = sum(g.new_tokens for g in gens) / len(gens)
+    metrics["seconds"] = round(time.time() - start, 2)
+    rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "reference": ref, "reply": g.text,
+             "stopped_at_eos": g.stopped_at_eos, **({"predicted_label": pl} if classification else {})}
+            for p, ref, g, pl in zip(items["prompts"], refs, gens, predicted)]
+    return metrics, rows
+
+
+TABLE_METRICS = ["perplexity", "loss", "keyword_accuracy", "accuracy", "exact_match", "rouge1", "rouge2", "rougeL",
+                 "bleu", "chrf", "eos_stop_rate", "mean_new_tokens"]
+SCALES = {"rouge1": "F1, 0-1", "rouge2": "F1, 0-1", "rougeL": "F1, 0-1", "bleu": "corpus, 0-100", "chrf": "corpus, 0-100",
+          "exact_match": "0-1", "keyword_accuracy": "0-1", "accuracy": "0-1", "eos_stop_rate": "0-1",
+          "perplexity": "exp(token-weighted NLL)", "loss": "token-weighted NLL, nats"}
+
+
+def deltas(model: dict, baseline: dict) -> dict:
+    """model - baseline for every numeric TABLE_METRICS figure of every set both have."""
+    return {name: {k: model[name][k] - baseline[name][k] for k in TABLE_METRICS
+                   if isinstance(model[name].get(k), (int, float)) and isinstance(baseline[name].get(k), (int, float))}
+            for name in model if name in baseline}
+
+
+def fmt_value(v) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def results_table(model: dict, baseline: dict | None) -> str:
+    """The markdown table of results.md: set, metric (with its scale), baseline, model, delta."""
+    if baseline:
+        lines = ["| set | metric | baseline | model | delta (model - baseline) |", "|---|---|---|---|---|"]
+    else:
+        lines = ["| set | metric | model |", "|---|---|---|"]
+    delta = deltas(model, baseline) if baseline else {}
+    for name, m in model.items():
+        for k in TABLE_METRICS:
+            if k not in m:
+                continue
+            label = f"{k} ({SCALES[k]})" if k in SCALES else k
+            if baseline:
+                b = baseline.get(name, {}).get(k)
+                d = delta.get(name, {}).get(k)
+                lines.append(f"| {name} (n={m['examples']}) | {label} | {fmt_value(b)} | {fmt_value(m[k])} | "
+                             f"{'-' if d is None else f'{d:+.4g}'} |")
+            else:
+                lines.append(f"| {name} (n={m['examples']}) | {label} | {fmt_value(m[k])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_set_losses(path: Path, model: dict, baseline: dict | None) -> None:
+    """loss.png of an evaluation: token-weighted loss per set, model beside baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(model)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    width = 0.38 if baseline else 0.6
+    if baseline:
+        ax.bar([i - width / 2 for i in range(len(names))], [baseline[n]["loss"] for n in names], width, label="baseline")
+    ax.bar([i + (width / 2 if baseline else 0) for i in range(len(names))], [model[n]["loss"] for n in names], width,
+           label="model")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("token-weighted loss (labelled tokens)")
+    ax.set_title("evaluate: loss per set", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,7 +1,8 @@
 """GGUF export for recipes/merge_export.py: llama.cpp's own converter (convert_hf_to_gguf.py) and quantizer
 (llama_model_quantize), every file loaded back in llama.cpp (llama-cpp-python) and compared with the HF side,
 and an Ollama Modelfile whose TEMPLATE renders what the HF chat template renders. Needs the export extra
-(`bash launch/setup_export.sh`); without it `export_extra_missing` says what is absent.
+(`bash launch/setup_export.sh`); without it `export_extra_missing` says what is absent, and `plan_gguf`
+checks the recipe's GGUF options up front.
 """
 from __future__ import annotations
 
@@ -49,6 +50,30 @@ def export_extra_missing(llama_cpp_dir: Path) -> str | None:
     if importlib.util.find_spec("llama_cpp") is None:
         missing.append("llama-cpp-python is not installed")
     return " and ".join(missing) or None
+
+
+def plan_gguf(gguf_type: str, gguf_quantizations: str, llama_cpp_dir: str) -> tuple[list[str], list[str], Path, str | None]:
+    """--gguf_type, --gguf_quantizations and --llama_cpp_dir checked before anything loads: (the types the
+    converter writes, the quantizer's types, the llama.cpp folder, what of the export extra is missing).
+    auto: f16 when the extra is installed, else nothing with one log line; a named type without it is refused."""
+    types = [t.strip().lower() for t in gguf_type.split(",") if t.strip()] or ["none"]
+    if types not in (["auto"], ["none"]) and not set(types) <= set(GGUF_TYPES):
+        raise checks.CheckFailed(f"--gguf_type {gguf_type!r}: choose auto, none, or one or more (comma-separated) "
+                                 f"of {', '.join(GGUF_TYPES)}")
+    quantizations = [q.strip().lower() for q in gguf_quantizations.split(",") if q.strip()]
+    unknown = [q for q in quantizations if q not in QUANT_FTYPES]
+    if unknown:
+        raise checks.CheckFailed(f"--gguf_quantizations: unknown type(s) {unknown}; choose from {', '.join(QUANT_FTYPES)}")
+    joined = ",".join(types)
+    folder = Path(llama_cpp_dir) if Path(llama_cpp_dir).is_absolute() else REPO_ROOT / llama_cpp_dir
+    missing = export_extra_missing(folder) if joined != "none" else None
+    if missing and joined != "auto":
+        raise checks.CheckFailed(f"--gguf_type {joined}: {missing}. Install the export extra with `{SETUP_EXPORT}` "
+                                 "(compiles llama.cpp: minutes), or pass --gguf_type none")
+    if missing:
+        log.info("GGUF export skipped: %s; install the export extra with `%s` to also write llama.cpp/Ollama "
+                 "GGUF files", missing, SETUP_EXPORT)
+    return [] if missing or joined == "none" else (["f16"] if joined == "auto" else types), quantizations, folder, missing
 
 
 def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, llama_cpp_dir: Path) -> dict:

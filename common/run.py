@@ -9,6 +9,7 @@
     run.started()                                               # manifest.json "running"
     whole = run.train(trainer)                                  # disk full, signals (exit 75), all segments
     run.finish(trainer, whole, {...recipe figures...})          # metrics.json, loss.png, manifest "finished"
+    run.write_results({...})                                    # instead, for a recipe that trains nothing
 
 `run_recipe` is the `if __name__ == "__main__"` of every recipe: parse, call main, and turn the errors the
 checks raise into one `error:` line and exit 1 (a bad option already exited 2; a signal exits 75).
@@ -59,11 +60,17 @@ def config_dict(*configs) -> dict:
 
 
 @dataclass
-class RunOptions:
-    """The options of every recipe run that are not the library's: where the model comes from, the device
-    and precision it trains in, and whether an interrupted run resumes. A recipe's Config inherits them."""
+class ModelOptions:
+    """Where the model comes from and the device it runs on: what every recipe asks, those that train nothing
+    (evaluate, merge_export) included. A recipe that needs another default or help redeclares the field."""
     model_name_or_path: str = field(default="asset:smollm2", metadata={"help": "hub id, local dir, or asset:tiny / asset:smollm2 (built offline)"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
+
+
+@dataclass
+class RunOptions(ModelOptions):
+    """The options of every training recipe run that are not the library's: where the model comes from, the
+    device and precision it trains in, and whether an interrupted run resumes. A recipe's Config inherits them."""
     precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32 (auto: bf16 where the hardware has it, else fp32 on CPU / fp16 on old GPUs)"})
     resume: bool = field(default=True, metadata={"help": "resume an unfinished run found in output_dir from its last valid checkpoint"})
     hourly_price_usd: float = field(default=1.41, metadata={"help": "price per device-hour for the cost estimate (an on-demand 24 GB A10G)"})
@@ -90,7 +97,8 @@ class Run:
             for name in version_drift():
                 self.log.warning("version drift from requirements.txt: %s", name)
         self.device = checks.resolve_device(getattr(cfg, "device", "auto"))
-        self.precision = resolve_precision(getattr(cfg, "precision", "auto"), self.device)
+        # a recipe without a precision option (merge_export: always fp32, then --dtype) resolves none
+        self.precision = resolve_precision(cfg.precision, self.device) if hasattr(cfg, "precision") else None
         self.memory: PeakMemory | None = None
 
     # ---- the library config for this device ---------------------------------------------------------
@@ -182,6 +190,24 @@ class Run:
                            {"resumed_from": str(self.resume_from) if self.resume_from else None})
             shown = {k: metrics.get(k) for k in headline or ("final_train_loss", "tokens_per_second",
                                                              "peak_memory_bytes", "wall_seconds")}
+            self.log.info("done: %s", json.dumps(shown, default=str))
+        return metrics
+
+    def write_results(self, metrics: dict, status: str = "finished", headline: tuple[str, ...] = ()) -> dict:
+        """The end of a run that trains nothing (evaluate, merge_export): metrics.json (the figures every run
+        reports that apply without a trainer, then the recipe's) and manifest `status` ("failed": a check
+        failed after the results were measured; the files are kept). The recipe draws its own loss.png."""
+        wall = time.time() - self.wall_start
+        out = {"recipe": self.recipe, "device": device_name(self.device), "device_type": self.device.type,
+               "world_size": 1, **({"precision": self.precision} if self.precision else {}),
+               "wall_seconds": round(wall, 2), **(self.memory.report() if self.memory is not None else {})}
+        if hasattr(self.cfg, "hourly_price_usd"):
+            out.update(estimated_cost(wall, self.cfg.hourly_price_usd))
+        metrics = {**out, **metrics}
+        if self.main_process:
+            write_json(self.output_dir / "metrics.json", metrics)
+            write_manifest(self.output_dir, self.config, self.datasets, self.started_at, status)
+            shown = {k: metrics.get(k) for k in headline or ("wall_seconds", "peak_memory_bytes")}
             self.log.info("done: %s", json.dumps(shown, default=str))
         return metrics
 

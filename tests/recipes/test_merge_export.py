@@ -165,19 +165,21 @@ def test_verification_beyond_tolerance_exits_nonzero(qlora_bf16_run):
 
 def test_merging_into_4bit_layers_is_refused_and_would_lose_the_update(tiny_dir, tmp_path):
     """peft merges into bitsandbytes 4-bit layers with only a warning; the re-quantized model no longer
-    computes what was trained. The recipe's merge refuses such a model."""
+    computes what was trained. The recipe's merge (common.verify.merge_lora) refuses such a model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    recipe = load_recipe("merge_export")
+    from common.checks import CheckFailed
+    from common.verify import merge_lora
+
     adapter = make_adapter(tiny_dir, tmp_path / "run", method="qlora")
     ids = AutoTokenizer.from_pretrained(adapter)(TEXT, return_tensors="pt", add_special_tokens=False)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=quant,
                                                                            device_map={"": "cpu"}), adapter).eval()
-    with pytest.raises(recipe.checks.CheckFailed, match="loaded in 4/8-bit .* re-quantizes W \\+ BA"):
-        recipe.merge_lora(model)
+    with pytest.raises(CheckFailed, match="loaded in 4/8-bit .* re-quantizes W \\+ BA"):
+        merge_lora(model)
     with torch.no_grad():
         as_trained = model(**ids).logits
         with warnings.catch_warnings(record=True) as caught:
@@ -187,7 +189,7 @@ def test_merging_into_4bit_layers_is_refused_and_would_lose_the_update(tiny_dir,
     fp32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter).eval()
     with torch.no_grad():
         reference = fp32(**ids).logits
-        merged_fp32 = recipe.merge_lora(fp32)[0](**ids).logits
+        merged_fp32 = merge_lora(fp32)[0](**ids).logits
     assert (requantized - as_trained).abs().max() > 0.05             # measured 0.64 on this model
     assert (merged_fp32 - reference).abs().max() < 1e-5              # measured 4.6e-7
 
