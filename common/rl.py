@@ -1,12 +1,14 @@
 """Online RL glue for recipes/ppo.py: rewards (reward model or programmatic), greedy held-out answers, the
 frozen-model checks (reference log-probs with a precision-aware tolerance), TRL 1.12's PPOTrainer with the
-response lengths it computes but does not log, the value model, and the per-step plot.
+response lengths it computes but does not log (and a train() the Run scaffold can call), the value model,
+the per-step log of either trainer and its plot.
 
 Every score is read at the response's EOS (common.preference); an answer that never ends gets its last
 token's score minus --missing_eos_penalty, exactly as TRL's PPO does.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -136,9 +138,17 @@ def import_ppo():
                                  "written against trl==1.12.0 (requirements.txt)")
 
     class PPOTrainerWithLengths(ppo_module.PPOTrainer):
-        def train(self):
+        def train(self, resume_from_checkpoint=None):
+            """TRL's loop, returning a TrainOutput as Trainer.train does (common.run.Run.train reads it). TRL's
+            loop always starts at step 0: a checkpoint to resume from is refused."""
+            from transformers.trainer_utils import TrainOutput
+
+            if resume_from_checkpoint:
+                raise checks.CheckFailed(f"TRL's PPOTrainer cannot resume (asked to from {resume_from_checkpoint}); "
+                                         "rerun into a new --output_dir")
             original, lengths = ppo_module.get_reward, []
             self._response_lengths, self.rollout_tokens = lengths, 0
+            start = time.time()
 
             def get_reward(model, query_responses, pad_token_id, context_length):
                 out = original(model, query_responses, pad_token_id, context_length)
@@ -149,9 +159,12 @@ def import_ppo():
 
             ppo_module.get_reward = get_reward
             try:
-                return super().train()
+                super().train()
             finally:
                 ppo_module.get_reward = original
+            losses = [h["loss/policy_avg"] for h in self.state.log_history if "loss/policy_avg" in h]
+            return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0,
+                               {"train_runtime": time.time() - start})
 
         def log(self, logs, start_time=None):
             if getattr(self, "_response_lengths", None):
@@ -178,6 +191,32 @@ def value_model_from(reward_model_path: str, cfg, pad_token_id: int):
         value.requires_grad_(True)
     return value.train()
 
+
+# each algorithm's log keys for the per-step figures (TRL's PPO and GRPO name them differently)
+STEP_KEYS = {
+    "ppo": {"kl": "objective/kl", "mean_reward": "objective/scores", "response_length": "objective/response_length",
+            "policy_loss": "loss/policy_avg", "value_loss": "loss/value_avg", "entropy": "objective/entropy"},
+    "grpo": {"kl": "kl", "mean_reward": "reward", "response_length": "completions/mean_length", "policy_loss": "loss",
+             "entropy": "entropy", "frac_reward_zero_std": "frac_reward_zero_std"},
+}
+
+
+def step_log(log_history: list[dict], algorithm: str) -> list[dict]:
+    """One entry per update: KL, mean reward, response length, losses (metrics.json "steps", loss.png)."""
+    keys = STEP_KEYS[algorithm]
+    return [{"step": h["step"], **{k: h.get(v) for k, v in keys.items()}}
+            for h in log_history if keys["mean_reward"] in h]
+
+
+def step_summary(steps: list[dict]) -> dict:
+    """Mean reward, KL and response length over the first and the last few updates (up to 4, a quarter)."""
+    k = max(1, min(4, len(steps) // 4))
+    first, last = steps[:k], steps[-k:]
+    return {"train_mean_reward_first_steps": sum(s["mean_reward"] for s in first) / k,
+            "train_mean_reward_last_steps": sum(s["mean_reward"] for s in last) / k, "steps_averaged": k,
+            "train_kl_last_steps": sum((s["kl"] or 0.0) for s in last) / k,
+            "train_response_length_first_steps": sum(s["response_length"] for s in first) / k,
+            "train_response_length_last_steps": sum(s["response_length"] for s in last) / k}
 
 
 def plot_steps(steps: list[dict], path: Path, title: str) -> None:

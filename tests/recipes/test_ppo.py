@@ -98,10 +98,11 @@ def test_grpo_with_the_reward_model(tiny_dir, tiny_reward_model, tmp_path):
 
 def test_programmatic_reward_needs_grpo(tmp_path):
     from common.checks import CheckFailed
-    from recipes.ppo import Config, main
+    from common.config import parse_config
+    from recipes.ppo import CONFIGS, main
 
     with pytest.raises(CheckFailed, match="for a programmatic reward use --algorithm grpo"):
-        main(Config(reward="concise", output_dir=str(tmp_path / "never")))
+        main(*parse_config(CONFIGS, ["--reward", "concise", "--output_dir", str(tmp_path / "never")]))
     assert not (tmp_path / "never").exists()
 
 
@@ -217,15 +218,17 @@ print(args.bf16, ignored, Accelerator(gradient_accumulation_steps=1, cpu=True).m
 
 # ---------------------------------------------------------------- frozen-model check at bf16 (CHRONICLES)
 
-def grpo_config(tiny_dir, out, **extra):
-    """GRPO with the programmatic reward at the default precision (bf16 autocast on this CPU), 16-token answers;
-    one update of one group, the least that runs the trainer."""
-    from recipes.ppo import Config
+def grpo_config(tiny_dir, out, *extra):
+    """(Config, TrainingArguments) for GRPO with the programmatic reward at the default precision (bf16 autocast
+    on this CPU), 16-token answers; one update of one group, the least that runs the trainer."""
+    from common.config import parse_config
+    from recipes.ppo import CONFIGS
 
-    return Config(model_name_or_path=str(tiny_dir), algorithm="grpo", reward="concise", max_steps=1, ppo_epochs=1,
-                  per_device_train_batch_size=4, response_length=16, output_dir=str(out),
-                  dataset_path=str(REPO / "data/samples/preference_chat.jsonl"),
-                  eval_dataset_path=str(REPO / "data/samples/preference_chat.jsonl"), **extra)
+    return parse_config(CONFIGS, ["--model_name_or_path", str(tiny_dir), "--algorithm", "grpo", "--reward", "concise",
+                                  "--max_steps", "1", "--ppo_epochs", "1", "--per_device_train_batch_size", "4",
+                                  "--response_length", "16", "--output_dir", str(out),
+                                  "--dataset_path", str(REPO / "data/samples/preference_chat.jsonl"),
+                                  "--eval_dataset_path", str(REPO / "data/samples/preference_chat.jsonl"), *extra])
 
 
 def test_reference_tolerance_fits_bf16_rounding(tiny_dir):
@@ -270,7 +273,7 @@ def test_grpo_at_bf16_passes_the_frozen_check_with_an_untouched_reference(tiny_d
     from recipes.ppo import main
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # main() sets it; restored after the test
-    m = main(grpo_config(tiny_dir, tmp_path / "grpo"))
+    m = main(*grpo_config(tiny_dir, tmp_path / "grpo"))
     assert (m["precision"], m["mixed_precision"]) == ("bf16", "bf16")
     assert m["reference_logps_max_abs_change"] <= m["reference_logps_tolerance"] < 0.05
     assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
@@ -295,7 +298,7 @@ def test_a_failed_frozen_check_keeps_the_trained_adapter_and_says_where(tiny_dir
     monkeypatch.setattr(trl, "GRPOTrainer", BaseMovingGRPOTrainer)
     out = tmp_path / "grpo"
     with pytest.raises(CheckFailed) as failure:
-        main(grpo_config(tiny_dir, out))
+        main(*grpo_config(tiny_dir, out))
     message = str(failure.value)
     assert "a frozen model moved during training" in message and "at bf16" in message
     assert f"saved in {out / 'adapter'}" in message and "--precision fp32" in message
