@@ -122,7 +122,7 @@ def build_trainer(cfg: Config, args: TrainingArguments, policy, tokenizer, rewar
                           peft_config=peft_config, callbacks=callbacks)
     from trl import GRPOConfig, GRPOTrainer
 
-    shared.pop("remove_unused_columns")  # GRPO's own default (False): its reward functions get every column
+    shared.pop("remove_unused_columns")  # GRPOConfig's own default (False): dataset columns reach the reward functions
     grpo = GRPOConfig(**shared, num_generations=cfg.num_generations, max_completion_length=cfg.response_length,
                       temperature=cfg.temperature, beta=cfg.kl_coef, num_iterations=cfg.ppo_epochs,
                       epsilon=cfg.cliprange, log_completions=False)
@@ -180,7 +180,7 @@ def main(cfg: Config, args: TrainingArguments) -> dict:
     os.environ["ACCELERATE_MIXED_PRECISION"] = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
     args = run.library_args(args, disable_tqdm=True)
     trainer = build_trainer(cfg, args, policy, tokenizer, reward_model, scorer, train_records, train_prompts,
-                            eval_prompts, peft_config, run.callbacks(signals=False))  # a signal's save could not be resumed
+                            eval_prompts, peft_config, run.callbacks(signals=False))  # no resume, so no save on SIGTERM
     run.bind(trainer)
     if cfg.algorithm == "ppo":
         policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
