@@ -8,8 +8,9 @@ much of the machine does it use?". On the same model and the same variable-lengt
 - `trl_baseline`  `trl_baseline()` below: SFTTrainer + SFTConfig with TRL's defaults, peft LoraConfig;
 - `recipe_qlora` / `trl_baseline_qlora`   the same with 4-bit NF4 base weights (optional).
 
-Each contestant runs in its own process (its own peak memory: VmHWM on CPU,
-torch.cuda.max_memory_allocated on GPU) and writes metrics.json in <output_dir>/<contestant>/.
+Each contestant runs in its own process (common.child; its own peak memory: VmHWM on CPU,
+torch.cuda.max_memory_allocated on GPU) and writes metrics.json in <output_dir>/<contestant>/, its output
+in <output_dir>/<contestant>.log. SIGTERM/SIGINT stop the running contestant and the benchmark (exit 75).
 The parent measures the bf16 and fp32 matmul peak of this machine before and after, with the same
 thread count, counts the FLOPs of every trained token (formulas in `training_flops`), and writes
 benchmark.json and benchmark.md (a table with the machine named).
@@ -33,7 +34,6 @@ import platform
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 import torch  # noqa: E402
 
-from common import checks  # noqa: E402
+from common import checks, child  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.config import load_recipe, option_defaults, parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, load_records, to_messages  # noqa: E402
@@ -332,10 +332,16 @@ def recipe_flags() -> set[str]:
     return set(option_defaults(load_recipe(REPO / "recipes" / "sft_memory_diet.py").CONFIGS))
 
 
-def run_logged(cmd: list[str], log_path: Path) -> int:
+def run_contestant(name: str, cmd: list[str], out: Path) -> dict:
+    """One contestant in its own process (log: <output_dir>/<name>.log); its metrics.json."""
     log.info("+ %s", " ".join(cmd))
-    with open(log_path, "w") as out:
-        return subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+    result = child.run(cmd, out.parent / f"{name}.log", cwd=REPO, metrics=out / "metrics.json")
+    if result.interrupted:
+        child.exit_stopped(f"contestant {name} did not finish; a benchmark is not resumed: rerun with a new --output_dir")
+    if result.returncode != 0 or result.metrics is None:
+        why = f"exit {result.returncode}" if result.returncode else "exit 0 but no metrics.json"
+        raise checks.CheckFailed(f"contestant {name} failed ({why}); its log: {result.log}")
+    return {**result.metrics, "process_wall_seconds": result.seconds}
 
 
 def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path) -> list[str]:
@@ -364,13 +370,7 @@ def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_fi
 
 
 def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path) -> dict:
-    cmd = recipe_command(cfg, name, model, train_file, eval_file, out)
-    start = time.time()
-    code = run_logged(cmd, out.parent / f"{name}.log")
-    if code != 0:
-        raise checks.CheckFailed(f"contestant {name} failed (exit {code}); its log: {out.parent / f'{name}.log'}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["process_wall_seconds"] = round(time.time() - start, 2)
+    metrics = run_contestant(name, recipe_command(cfg, name, model, train_file, eval_file, out), out)
     config = json.loads((out / "manifest.json").read_text())["config"]
     metrics.setdefault("gradient_checkpointing", config.get("gradient_checkpointing"))
     metrics["recipe_config"] = config
@@ -385,14 +385,8 @@ def run_trl(cfg: Config, name: str, model: str, train_file: Path, eval_file: Pat
                                              "lora_dropout", "lora_target_modules")}}
     out.mkdir(parents=True)
     write_json(out / "spec.json", spec)
-    start = time.time()
-    code = run_logged([sys.executable, str(Path(__file__).resolve()), "trl_baseline", str(out / "spec.json")],
-                      out.parent / f"{name}.log")
-    if code != 0:
-        raise checks.CheckFailed(f"contestant {name} failed (exit {code}); its log: {out.parent / f'{name}.log'}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["process_wall_seconds"] = round(time.time() - start, 2)
-    return metrics
+    return run_contestant(name, [sys.executable, str(Path(__file__).resolve()), "trl_baseline", str(out / "spec.json")],
+                          out)
 
 
 @torch.no_grad()

@@ -3,10 +3,11 @@
 Used by harnesses/adapter_vs_full.py (full fine-tuning vs LoRA vs bottleneck adapter vs QLoRA) and
 harnesses/memory_ladder.py (one memory technique added per rung). Both are one script with two modes:
 
-- driver (default): for each configuration, start `python <recipe> --config <output_dir>/runs/<name>/config.yaml
-  --run_one <name>` as a subprocess, wait, read its metrics.json. A configuration that fails (a
-  missing package, a check, a crash) becomes a row with status "failed" and its error; the others
-  still run. One process per configuration so peak memory is that configuration's alone: on CPU the
+- driver (default): for each configuration, run `python <recipe> --config <output_dir>/runs/<name>/config.yaml
+  --run_one <name>` as a child process (common.child: output in runs/<name>/log.txt, stopped after --timeout),
+  read its metrics.json. A configuration that fails (a missing package, a check, a crash, the timeout)
+  becomes a row with status "failed" and its error; the others still run. SIGTERM/SIGINT stop the
+  running configuration and the driver (exit 75); the rerun reuses the finished ones. One process per configuration so peak memory is that configuration's alone: on CPU the
   process's VmHWM (it never goes down), on CUDA torch.cuda.max_memory_allocated.
 - worker (`--run_one NAME`, `train_one` below): load, attach the method, check one batch, train with the
   HF Trainer (so the optimizers are the real ones: adamw_torch, adamw_bnb_8bit, adafactor, DeepSpeed),
@@ -27,7 +28,6 @@ import logging
 import math
 import os
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import checks
+from common import checks, child
 from common.run_files import PeakMemory, device_name, write_json
 
 log = logging.getLogger(__name__)
@@ -336,14 +336,6 @@ def worker_main(cfg: CompareConfig, specs: list[RunSpec], eval_before: bool = Tr
 # ---------------------------------------------------------------------------------------------
 # Driver: every configuration in its own process
 # ---------------------------------------------------------------------------------------------
-def _error_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    if errors:
-        return errors[-1][len("error: "):]
-    return lines[-1] if lines else "no output"
-
-
 def run_all(cfg: CompareConfig, specs: list[RunSpec], script: str) -> list[dict]:
     """Run each spec as `python script --config runs/<name>/config.yaml --run_one <name>`; one row each."""
     out = Path(cfg.output_dir)
@@ -368,20 +360,18 @@ def run_all(cfg: CompareConfig, specs: list[RunSpec], script: str) -> list[dict]
         config_file.write_text(yaml.safe_dump({k: v for k, v in asdict(cfg).items() if k != "run_one"}, sort_keys=False))
         cmd = [sys.executable, script, "--config", str(config_file), "--run_one", spec.name]
         log.info("%s: %s", spec.name, " ".join(cmd))
-        started = time.time()
-        with open(run_dir / "log.txt", "w") as logfile:
-            try:
-                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, timeout=cfg.timeout)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = None
-        text = (run_dir / "log.txt").read_text()
-        if rc == 0 and done.is_file():
-            row = json.loads(done.read_text())
-            log.info("%s: ok in %.0f s, peak %.2f GiB, %.0f tokens/s", spec.name, time.time() - started,
+        result = child.run(cmd, run_dir / "log.txt", timeout=cfg.timeout, metrics=done)
+        if result.interrupted:
+            child.exit_stopped(f"{spec.name} did not finish; rerun the same command: the finished "
+                               "configurations are reused")
+        if result.returncode == 0 and result.metrics is not None:
+            row = result.metrics
+            log.info("%s: ok in %.0f s, peak %.2f GiB, %.0f tokens/s", spec.name, result.seconds,
                      row["peak_memory_bytes"] / 2**30, row["tokens_per_second"])
         else:
-            error = f"timed out after {cfg.timeout} s" if rc is None else _error_line(text)
+            rc = None if result.timed_out else result.returncode
+            error = f"timed out after {cfg.timeout} s" if result.timed_out \
+                else result.error.removeprefix("error: ") or "no output"
             log.warning("%s: failed (rc %s): %s", spec.name, rc, error)
             row = {"name": spec.name, "status": "failed", "spec": asdict(spec), "rc": rc, "error": error,
                    "log": str(run_dir / "log.txt")}

@@ -17,9 +17,11 @@ Run:
         --configurations "name=lora_b2_s512 method=lora batch=2 seq=512" "name=full_b2_s512 method=full batch=2 seq=512"
 
 Writes to --output_dir: memory_validation.json and .md (the table: predicted, measured, error %),
-predicted_vs_measured.png, metrics.json (summary), manifest.json, and runs/<name>/ (each recipe run).
-A configuration whose run already finished in runs/<name> is not run again (its measurement is
-re-read and re-predicted); delete that folder to measure again.
+predicted_vs_measured.png, metrics.json (summary), manifest.json, and runs/<name>/ (each recipe run,
+its output in runs/<name>.log). A configuration whose run already finished in runs/<name> is not run
+again (its measurement is re-read and re-predicted); delete that folder to measure again. One that did
+not finish (a timeout, a failure, a signal) is measured again from the start, never resumed.
+SIGTERM/SIGINT stop the running configuration and exit 75 (common.child); rerun the same command.
 
 Measured here: the table in docs/memory.md, "Memory planner" (2-core CPU VM, no GPU): about 5 minutes per
 configuration on the shared, loaded VM, an hour for the 12 in the config.
@@ -30,15 +32,14 @@ import json
 import logging
 import os
 import random
-import subprocess
+import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
-from common import memory  # noqa: E402
+from common import child, memory  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.run_files import now, write_json, write_manifest  # noqa: E402
@@ -218,18 +219,16 @@ def main(cfg: Config) -> dict:
         if not metrics_file.is_file():
             cmd = recipe_command(spec, model, run_dir, data, cfg)
             log.info("%s: %s", spec["name"], " ".join(c if c else '""' for c in cmd))
-            start = time.time()
             env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
             if spec.get("mmap_threshold"):                     # a fixed glibc mmap threshold (see CHRONICLES)
                 env["MALLOC_MMAP_THRESHOLD_"] = spec["mmap_threshold"]
-            try:
-                proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=cfg.timeout)
-                rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
-            except subprocess.TimeoutExpired:
-                rc, tail = "timeout", ""
-            (out / "runs").mkdir(exist_ok=True)
-            (out / "runs" / f"{spec['name']}.log").write_text(tail)
-            row["run_seconds"] = round(time.time() - start, 1)
+            shutil.rmtree(run_dir, ignore_errors=True)  # a stopped earlier attempt: resuming it would measure a part
+            result = child.run(cmd, out / "runs" / f"{spec['name']}.log", cwd=REPO, env=env, timeout=cfg.timeout)
+            if result.interrupted:
+                child.exit_stopped(f"{spec['name']} did not finish; rerun the same command: the measured "
+                                   "configurations are reused")
+            rc = "timeout" if result.timed_out else result.returncode
+            row["run_seconds"] = round(result.seconds, 1)
             if rc != 0:
                 log.error("%s failed (rc %s); last output in %s", spec["name"], rc, out / "runs" / f"{spec['name']}.log")
                 row["rc"] = rc

@@ -50,7 +50,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 import yaml  # noqa: E402
 
+from common import child  # noqa: E402
 from common.config import closest_option, load_recipe, option_defaults, parse_config  # noqa: E402
 
 RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
@@ -67,7 +67,6 @@ log = logging.getLogger(RECIPE)
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "sft_memory_diet.py"
 METRIC = "eval_loss_after"          # lower is better; the leaderboard's sort key
-REQUEUE_EXIT_CODE = 75              # common.checkpoints.REQUEUE_EXIT_CODE (not imported: it pulls in bitsandbytes)
 SWEEP_MANAGED = {"output_dir", "config"}
 SHORT = {"learning_rate": "lr", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "drop",
          "per_device_train_batch_size": "bs", "gradient_accumulation_steps": "ga", "weight_decay": "wd",
@@ -336,37 +335,6 @@ def command(cfg: Config, trial: dict, run_dir: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Running one trial
 # ---------------------------------------------------------------------------------------------
-class ForwardSignals:
-    """SIGTERM/SIGINT: pass SIGTERM to the running trial (it checkpoints and exits 75) and start no other."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.proc: subprocess.Popen | None = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        if self.received is None:
-            log.warning("received %s: stopping the running trial (it saves a checkpoint) and the sweep; rerun the "
-                        "same command to resume", signal.Signals(signum).name)
-        self.received = signum
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-
-_ERROR = re.compile(r"^(error:|[\w.]*(Error|Exception)\b)|: error: |out of memory", re.IGNORECASE)
-
-
-def last_error_line(stderr_text: str, rc: int) -> str:
-    lines = [line.strip() for line in stderr_text.splitlines() if line.strip()]
-    line = next((ln for ln in reversed(lines) if _ERROR.search(ln)), lines[-1] if lines else "")
-    if rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
-        killed = f"killed by {name}" + (" (out of memory? the kernel's OOM killer sends SIGKILL)" if -rc == signal.SIGKILL else "")
-        return f"{killed}; last line: {line}" if line else killed
-    return line[:500]
-
-
 def finished_metrics(run_dir: Path) -> dict | None:
     """The trial's metrics.json if its manifest says the run finished, else None."""
     try:
@@ -393,7 +361,7 @@ def settings_conflicts(trial: dict, run_config: dict) -> list[str]:
             if not same_value(run_config.get(key), value)]
 
 
-def run_trial(cfg: Config, trial: dict, tdir: Path, signals: ForwardSignals) -> dict:
+def run_trial(cfg: Config, trial: dict, tdir: Path, signals: child.ForwardSignals) -> dict:
     from common.run_files import write_json  # imports torch, so not at the top (a --dry_run never needs it)
 
     run_dir = tdir / "run"
@@ -408,32 +376,18 @@ def run_trial(cfg: Config, trial: dict, tdir: Path, signals: ForwardSignals) -> 
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start = time.time()
-    with open(tdir / "stdout.log", "w") as out, open(tdir / "stderr.log", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        signals.proc = proc
-        timed_out = False
-        try:
-            rc = proc.wait(timeout=cfg.trial_timeout or None)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.send_signal(signal.SIGTERM)       # the recipe saves a checkpoint and exits 75
-            try:
-                rc = proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-        signals.proc = None
-    seconds = round(time.time() - start, 2)
+    result = child.run(cmd, tdir / "stdout.log", stderr_log=tdir / "stderr.log", env=env,
+                       timeout=cfg.trial_timeout, signals=signals)
+    rc, seconds, timed_out = result.returncode, result.seconds, result.timed_out
     done = finished_metrics(run_dir) if rc == 0 else None
     if done:
         status, error = "finished", None
     elif timed_out:
         status, error = "failed", f"timed out after {cfg.trial_timeout} s (exit {rc}); a rerun resumes from its checkpoint"
-    elif rc == REQUEUE_EXIT_CODE or (signals.received and rc < 0):
+    elif rc == child.REQUEUE_EXIT_CODE or (result.interrupted and rc < 0):
         status, error = "interrupted", "stopped by a signal; a rerun resumes it (from its checkpoint if it saved one)"
     else:
-        status, error = "failed", last_error_line((tdir / "stderr.log").read_text(errors="replace"), rc)
+        status, error = "failed", result.error
         if rc == 0:
             error = f"exit 0 but no finished run in {run_dir} (metrics.json / manifest status)"
     attempts.append({"rc": rc, "status": status, "error": error, "seconds": seconds, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -527,7 +481,8 @@ def main(cfg: Config) -> int:
     first = {**base, **trials[0]["args"]}
     datasets = [p for p in (first.get("dataset_path"), first.get("eval_dataset_path")) if isinstance(p, str) and p]
     write_manifest(out, cfg, datasets, started, "running", {"trials": [t["id"] for t in trials]})
-    signals = ForwardSignals()
+    signals = child.ForwardSignals("stopping the running trial (it saves a checkpoint) and the sweep; rerun the "
+                                   "same command to resume").install()
     rows, counts = [], {"finished": 0, "failed": 0, "interrupted": 0, "not run": 0, "skipped": 0, "ran": 0}
     for i, trial in enumerate(trials, 1):
         tdir = out / "trials" / trial["id"]
@@ -598,7 +553,7 @@ def main(cfg: Config) -> int:
           f"{best['trial'] + f' ({METRIC} {best[METRIC]})' if best else 'none'}")
     if signals.received:
         print(f"stopped by {signal.Signals(signals.received).name}: rerun the same command to resume", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
+        return child.REQUEUE_EXIT_CODE
     return 0 if best else 1
 
 

@@ -115,17 +115,6 @@ def test_failed_trial_is_recorded_and_the_others_finish(grid, tiny_dir):
     assert json.loads((out / "metrics.json").read_text())["best_trial"] is None
 
 
-def test_error_line_is_the_exception_or_the_kill_signal():
-    traceback = ("12:00:01 INFO x: loading\nTraceback (most recent call last):\n  File \"a.py\", line 1\n"
-                 "    raise ValueError(f\"`r` should be...\")\n"
-                 "ValueError: `r` should be a positive integer value but the value passed is 0\n")
-    assert sweep.last_error_line(traceback, 1) == "ValueError: `r` should be a positive integer value but the value passed is 0"
-    assert sweep.last_error_line("a\nerror: --method 'x': choose lora or qlora\n", 1) == "error: --method 'x': choose lora or qlora"
-    assert sweep.last_error_line("step 3\n", -9).startswith("killed by SIGKILL (out of memory?")
-    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n  0%|  | 0/8\n"
-    assert sweep.last_error_line(oom, 1).startswith("torch.OutOfMemoryError: CUDA out of memory")
-
-
 def test_random_search_is_reproducible_and_respects_bounds():
     space = {"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}, "lora_r": {"low": 4, "high": 64, "log": True},
              "lora_dropout": {"low": 0.0, "high": 0.1}, "per_device_train_batch_size": [1, 2, 4], "seed": 7}
