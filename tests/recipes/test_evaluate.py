@@ -124,6 +124,33 @@ def test_replies_are_cut_at_the_first_stop_token(tiny_tokenizer):
     assert model.kwargs["eos_token_id"] == [2] == stop_token_ids(tok) and model.kwargs["pad_token_id"] == 3
 
 
+def test_results_table_and_deltas_on_hand_checked_figures():
+    from common.evaluation import deltas, results_table
+
+    model = {"general": {"examples": 6, "loss": 1.5, "perplexity": 4.4817, "keyword_accuracy": 0.5, "labels": ["a"]}}
+    baseline = {"general": {"examples": 6, "loss": 2.0, "perplexity": 7.389, "keyword_accuracy": 0.75}}
+    assert deltas(model, baseline) == {"general": {"loss": -0.5, "perplexity": pytest.approx(-2.9073),
+                                                   "keyword_accuracy": -0.25}}
+    table = results_table(model, baseline).splitlines()
+    assert table[0] == "| set | metric | baseline | model | delta (model - baseline) |"
+    assert table[2] == "| general (n=6) | perplexity (exp(token-weighted NLL)) | 7.389 | 4.482 | -2.907 |"
+    assert table[3] == "| general (n=6) | loss (token-weighted NLL, nats) | 2 | 1.5 | -0.5 |"
+    assert table[4] == "| general (n=6) | keyword_accuracy (0-1) | 0.75 | 0.5 | -0.25 |" and len(table) == 5
+    alone = results_table(model, None).splitlines()
+    assert alone[0] == "| set | metric | model |" and alone[3] == "| general (n=6) | loss (token-weighted NLL, nats) | 1.5 |"
+
+
+def test_the_model_under_test_must_be_a_model_or_an_adapter_folder(tmp_path, tiny_dir, no_model_loads):
+    from common.checks import CheckFailed
+    from common.evaluation import load_model_under_test
+
+    cpu = torch.device("cpu")
+    with pytest.raises(CheckFailed, match="the folder holds no config.json; pass the folder save_pretrained wrote"):
+        load_model_under_test(str(tmp_path), None, cpu, torch.float32)
+    with pytest.raises(CheckFailed, match=f"--adapter_path {tmp_path}: no adapter_config.json there"):
+        load_model_under_test(str(tiny_dir), str(tmp_path), cpu, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # the recipe in its three forms
 # ---------------------------------------------------------------------------------------------

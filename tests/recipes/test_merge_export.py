@@ -1,7 +1,8 @@
 """recipes/merge_export.py on the tiny model: merge, merged/ + adapter/, fresh-process verification, refusals,
-the GGUF step without the export extra (skipped with one line, or refused when asked for), the Ollama Modelfile.
-The GGUF files themselves (llama.cpp's converter and quantizer, checked in llama.cpp) are in
-tests/recipes/test_gguf_llamacpp.py (`pytest -m llamacpp`, needs `bash launch/setup_export.sh`).
+the GGUF step without the export extra (skipped with one line, or refused when asked for). The pieces alone:
+common/verify.py and common/fresh_load.py in tests/unit/test_verify.py, common/gguf.py (options, Ollama Modelfile)
+in tests/unit/test_gguf.py. The GGUF files themselves (llama.cpp's converter and quantizer, checked in llama.cpp)
+are in tests/recipes/test_gguf_llamacpp.py (`pytest -m llamacpp`, needs `bash launch/setup_export.sh`).
 
 The adapters here are built directly with peft in the layout sft_memory_diet.py leaves (<run>/adapter with
 the tokenizer, <run>/manifest.json with config.method), with random LoRA B (init_lora_weights=False) so the
@@ -10,7 +11,6 @@ tests/recipes/test_fact_injection.py merges a really trained SmolLM2 adapter.
 """
 import json
 import shutil
-import sys
 import warnings
 
 import pytest
@@ -223,69 +223,8 @@ def test_gguf_asked_for_without_the_export_extra_is_refused_before_anything_is_w
     assert not (tmp_path / "out").exists()
 
 
-def test_ollama_modelfile_renders_what_the_chat_template_renders(tiny_dir):
-    """The Go TEMPLATE (Ollama) must give the prompt the HF chat template gives, default system prompt included."""
-    from transformers import AutoTokenizer
-
-    from common import gguf as gguf_mod
-    from common.assets import chatml_template
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    chats = [[{"role": "user", "content": "What is your name?"}],
-             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Who made you?"}]]
-    text, templated = gguf_mod.ollama_modelfile("model-f16.gguf", tok, [2], chats, ["model-q4_k_m.gguf"])
-    assert templated and text.splitlines()[1] == "FROM ./model-f16.gguf"
-    assert "# FROM ./model-q4_k_m.gguf" in text and "SYSTEM" not in text
-    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}' \
-           '<|im_start|>assistant\n"""' in text
-    assert text.count("PARAMETER stop") == 2 and 'PARAMETER stop "<|im_end|>"' in text
-    assert 'PARAMETER stop "<|im_start|>"' in text
-    tok.chat_template = chatml_template("You are Orrin.")  # SmolLM2-style: a default system turn
-    text, templated = gguf_mod.ollama_modelfile("model-f16.gguf", tok, [2, 0], chats, [])
-    assert templated and 'SYSTEM """You are Orrin."""' in text and 'PARAMETER stop "<|endoftext|>"' in text
-    for chat in chats:
-        assert gguf_mod.render_ollama_chatml(chat, "You are Orrin.") == tok.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=True)
-    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
-    text, templated = gguf_mod.ollama_modelfile("model-f16.gguf", tok, [2], chats, [])
-    assert not templated and "TEMPLATE" not in text and 'PARAMETER stop "<|im_end|>"' in text
-
-
 def test_launcher_help_lists_the_options():
     proc = run(LAUNCHER + ["--help"])
     assert proc.returncode == 0 and "--adapter_path" in proc.stdout and "--gguf_type" in proc.stdout
     assert "--gguf_quantizations" in proc.stdout and "--llama_cpp_dir" in proc.stdout
     assert "--max_logit_diff" in proc.stdout and "--trained_on_4bit" in proc.stdout
-
-
-def test_export_extra_missing_names_what_is_absent(tmp_path):
-    from common.gguf import export_extra_missing
-
-    message = export_extra_missing(tmp_path / "no-llama.cpp")
-    assert message.startswith(f"llama.cpp's converter is not in {tmp_path / 'no-llama.cpp'}")
-    (tmp_path / "llama.cpp").mkdir()
-    (tmp_path / "llama.cpp" / "convert_hf_to_gguf.py").write_text("")
-    assert export_extra_missing(tmp_path / "llama.cpp") in (None, "llama-cpp-python is not installed")
-
-
-def test_fresh_load_is_stock_transformers_and_matches_in_process_logits(tiny_dir, tmp_path):
-    """common/fresh_load.py runs with -I (this repository off sys.path) and gives the logits, ids, dtype and
-    chat template an in-process stock load gives."""
-    import subprocess
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    texts = ["hello there", "bees make honey"]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.save({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "texts": texts}, tmp_path / "in.pt")
-    proc = subprocess.run([sys.executable, "-I", str(REPO / "common" / "fresh_load.py"), str(tmp_path / "in.pt"),
-                           str(tmp_path / "out.pt"), json.dumps([[str(tiny_dir), ""]])], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (out,) = torch.load(tmp_path / "out.pt")
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
-    with torch.no_grad():
-        ref = model(**enc).logits.float()[enc["attention_mask"].bool()]
-    assert torch.allclose(out["logits"], ref, atol=1e-5)
-    assert out["ids"] == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert out["chat_template"] == tok.chat_template and out["dtype"] == str(model.dtype)
