@@ -1,7 +1,7 @@
 """One way for a harness to run a recipe as a child process, and what came of it.
 
-    result = child.run([sys.executable, "recipes/x.py", "--config", c, "--output_dir", d], d / "log.txt",
-                       timeout=1800, metrics=Path(d) / "metrics.json")
+    result = child.run([sys.executable, "recipes/x.py", "--config", config, "--output_dir", str(run_dir)],
+                       run_dir / "log.txt", timeout=1800, metrics=run_dir / "metrics.json")
     result.returncode, result.seconds, result.timed_out, result.interrupted, result.metrics, result.error
 
 - The child runs in its own process group (its own session), with stdout and stderr in a log file
@@ -15,7 +15,7 @@
 - Once the child has exited, whatever it left running in its group is killed, so that nothing of one
   run spills into the next one's measurements.
 
-Standard library only: a harness imports it before it knows it needs torch.
+Standard library only: the sweep imports it at the top, and its --dry_run never needs torch.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 75  # common.checkpoints.REQUEUE_EXIT_CODE (not imported: it pulls in torch and bitsandbytes)
@@ -76,7 +77,8 @@ def _tail(path: Path, size: int = 1 << 20) -> str:
         return ""
 
 
-def read_metrics(path: Path | None) -> dict | None:
+def _read_metrics(path: Path | str | None) -> dict | None:
+    """The metrics file as the child left it; None where it wrote none (or half of one)."""
     try:
         return json.loads(Path(path).read_text()) if path is not None else None
     except (OSError, ValueError):
@@ -102,13 +104,15 @@ class _Child:
 
     def exited(self) -> bool:
         """Whether the leader exited; not reaped yet, so its group id cannot be taken by a new process."""
+        if not hasattr(os, "waitid"):  # macOS: reaped here, so the group kill after it is best effort
+            return self.proc.poll() is not None
         return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 class ForwardSignals:
-    """While installed (a `with` block, or install() for the rest of the process): SIGTERM/SIGINT to this process stop the running child instead (SIGTERM
-    to its group, then SIGKILL after the grace) and are remembered in `received`; a child started after one
-    came is stopped at once."""
+    """While installed (a `with` block, or install() for the rest of the process): SIGTERM/SIGINT to this
+    process stop the running child instead (SIGTERM to its group, then SIGKILL after the grace) and are
+    remembered in `received`; a child started after one came is stopped at once."""
 
     def __init__(self, message: str = "stopping the running child process (a recipe saves a checkpoint and exits 75)"):
         self.message, self.received, self.child = message, None, None
@@ -174,11 +178,11 @@ def run(cmd: list[str], log_file: Path | str, *, cwd: Path | str | None = None, 
         seconds = round(time.monotonic() - start, 2)
     text = _tail(Path(stderr_log) if stderr_log else log_file)
     return Result(command=list(cmd), returncode=returncode, seconds=seconds, timed_out=timed_out,
-                  interrupted=forward.received is not None, log=log_file, metrics=read_metrics(metrics),
+                  interrupted=forward.received is not None, log=log_file, metrics=_read_metrics(metrics),
                   error=error_line(text, returncode))
 
 
-def exit_stopped(message: str):
+def exit_stopped(message: str) -> NoReturn:
     """After an interrupted child: say so in one line and exit 75 (the harness's run files stay as they are)."""
     print(f"stopped by a signal: {message}", file=sys.stderr)
     raise SystemExit(REQUEUE_EXIT_CODE)

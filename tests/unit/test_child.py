@@ -160,3 +160,11 @@ def test_error_line_is_the_exception_or_the_kill_signal():
     assert child.error_line("error: DeepSpeed is not importable\nException ignored in: <function>\n", 1) == \
         "error: DeepSpeed is not importable"
     assert child.error_line("", 1) == "" and child.error_line("", -15) == "killed by SIGTERM"
+
+
+def test_without_waitid_it_polls(tmp_path, monkeypatch):
+    """macOS has no os.waitid: the same results through Popen.poll."""
+    monkeypatch.delattr(os, "waitid")
+    assert child.run([PY, "-c", "import sys; sys.exit(4)"], tmp_path / "log.txt").returncode == 4
+    r = child.run([PY, "-c", "import time; time.sleep(60)"], tmp_path / "log.txt", timeout=1, grace=5)
+    assert r.timed_out and r.returncode == -signal.SIGTERM
