@@ -3,7 +3,7 @@
 -I keeps this repository off sys.path: only transformers' own from_pretrained loads each (folder, gguf_file)
 in TARGETS (JSON), as vLLM/TGI/users would. HF folders load in their saved dtype; a GGUF is dequantized to
 fp32. For each it writes the token ids of INPUTS' texts, the logits at the real positions, the dtype, the
-generation config's eos/pad ids and the chat template to OUT (torch.save). recipes/merge_export.py compares them.
+generation config's eos/pad ids and the chat template to OUT (torch.save); common/verify.py compares them.
 """
 import json
 import sys

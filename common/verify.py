@@ -36,6 +36,23 @@ def quantized_layers(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bitLt))]
 
 
+def check_unquantized_base(base: str) -> str:
+    """The dtype the base checkpoint was saved in (fp32 | bf16 | fp16); a quantized checkpoint is refused: peft
+    would dequantize, add and re-quantize W + BA, and most of the update rounds away."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        raise checks.CheckFailed(
+            f"base model {base} is a quantized checkpoint ({quant.get('quant_method', 'quantization_config')}, "
+            f"load_in_4bit={quant.get('load_in_4bit')}); merging a LoRA into quantized weights re-quantizes W + BA and "
+            "silently loses most of the update. Pass the original unquantized base with --model_name_or_path")
+    saved = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(saved, "fp32")
+
+
 def merge_lora(peft_model):
     """W <- W + scale * B @ A in the model's own (fp32) weights; returns (the plain model, LoRA layers merged).
 

@@ -58,9 +58,9 @@ from common.evaluation import end_of_turn_token_id  # noqa: E402
 from common.gguf import export_gguf, plan_gguf  # noqa: E402
 from common.models import DTYPES  # noqa: E402
 from common.run import ModelOptions, Run, run_recipe  # noqa: E402
-from common.verify import (compare_with_4bit_training, detect_4bit_training, export_generation_config,  # noqa: E402
-                           folder_bytes, merge_lora, per_sample_loss, plot_losses, reference_logits,
-                           verification_inputs, verify_in_fresh_process)
+from common.verify import (check_unquantized_base, compare_with_4bit_training, detect_4bit_training,  # noqa: E402
+                           export_generation_config, folder_bytes, merge_lora, per_sample_loss, plot_losses,
+                           reference_logits, verification_inputs, verify_in_fresh_process)
 
 RECIPE = Path(__file__).stem  # a copy writes runs/<its name> and "recipe": "<its name>"
 # max |logit diff| allowed against the fp32 adapter model. fp32: merge reassociation only (measured ~1e-5);
@@ -104,17 +104,8 @@ def validate(cfg: Config) -> tuple[dict, str, str]:
     if not (Path(base) / "config.json").is_file():
         raise checks.CheckFailed(f"base model {base!r} is not a local model folder (no config.json); pass "
                                  "--model_name_or_path with the unquantized base the adapter was trained on")
-    base_config = transformers.AutoConfig.from_pretrained(base)
-    quant = getattr(base_config, "quantization_config", None)
-    if quant:  # peft would dequantize, add and re-quantize W + BA: most of the update rounds away
-        quant = quant if isinstance(quant, dict) else quant.to_dict()
-        raise checks.CheckFailed(
-            f"base model {base} is a quantized checkpoint ({quant.get('quant_method', 'quantization_config')}, "
-            f"load_in_4bit={quant.get('load_in_4bit')}); merging a LoRA into quantized weights re-quantizes W + BA and "
-            "silently loses most of the update. Pass the original unquantized base with --model_name_or_path")
-    checked_dtype = str(getattr(base_config, "dtype", None) or "float32").replace("torch.", "")
-    dtype_name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(checked_dtype, "fp32") \
-        if cfg.dtype == "auto" else cfg.dtype
+    saved_dtype = check_unquantized_base(base)
+    dtype_name = saved_dtype if cfg.dtype == "auto" else cfg.dtype
     if dtype_name not in DTYPES:
         raise checks.CheckFailed(f"--dtype {cfg.dtype!r}: choose auto, fp32, bf16 or fp16")
     return adapter_config, base, dtype_name

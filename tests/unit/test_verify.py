@@ -75,6 +75,22 @@ def test_per_sample_loss_is_each_samples_mean_next_token_nll():
     assert verify.per_sample_loss(sure, inputs) == pytest.approx([0.0, 0.0], abs=1e-6)
 
 
+def test_check_unquantized_base_gives_the_saved_dtype_and_refuses_a_quantized_checkpoint(tiny_dir, tmp_path):
+    import shutil
+
+    assert verify.check_unquantized_base(str(tiny_dir)) == "fp32"
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert verify.check_unquantized_base(str(base)) == "bf16"
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckFailed, match=r"is a quantized checkpoint \(bitsandbytes, load_in_4bit=True\); merging a "
+                                          "LoRA into quantized weights re-quantizes W \\+ BA"):
+        verify.check_unquantized_base(str(base))
+
+
 def test_merge_lora_reproduces_the_adapter_model_and_refuses_non_fp32(tiny_dir, tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
