@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from common import checks, child
-from common.run_files import PeakMemory, device_name, write_json
+from common.run_files import PeakMemory, device_name, now, write_json, write_manifest
 
 log = logging.getLogger(__name__)
 METHODS = ("full", "lora", "qlora", "adapter")
@@ -377,6 +377,42 @@ def run_all(cfg: CompareConfig, specs: list[RunSpec], script: str) -> list[dict]
                    "log": str(run_dir / "log.txt")}
         rows.append(row)
     return rows
+
+
+class Report:
+    """A comparison harness's run files around run_all: manifest.json "running" when it starts; at the end
+    <recipe>.md and .json (header + table), loss.png, metrics.json, manifest.json "finished", the table on
+    stdout, and exit code 1 with one `error:` line when a row failed."""
+
+    def __init__(self, recipe: str, cfg: CompareConfig):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        self.recipe, self.cfg, self.started = recipe, cfg, now()
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.datasets = [cfg.dataset_path] + ([cfg.eval_dataset_path] if cfg.eval_dataset_path else [])
+        write_manifest(self.out, cfg, self.datasets, self.started, "running")
+
+    def finish(self, rows: list[dict], header: str, text: str, metrics: dict, noun: str) -> int:
+        first = first_ok(rows)
+        (self.out / f"{self.recipe}.md").write_text(header + "\n\n" + text + "\n")
+        write_json(self.out / f"{self.recipe}.json", {"header": header, "rows": rows})
+        plot_losses(rows, self.out / "loss.png", f"{self.recipe} on {Path(first.get('model', '')).name}")
+        failed = [r for r in rows if r["status"] == "failed"]
+        write_json(self.out / "metrics.json", {"recipe": self.recipe, "device": first.get("device"), "world_size": 1,
+                                               **metrics, "failed": [r["name"] for r in failed]})
+        write_manifest(self.out, self.cfg, self.datasets, self.started, "finished")
+        print("\n" + header + "\n\n" + text)
+        if failed:
+            print(f"error: {len(failed)} of {len(rows)} {noun} failed (the table is in {self.out}): "
+                  + "; ".join(f"{r['name']}: {r['error']}" for r in failed), file=sys.stderr)
+            return 1
+        return 0
+
+
+def first_ok(rows: list[dict]) -> dict:
+    """The first finished row: the model, device and peak-memory method the table's header names."""
+    return next((r for r in rows if r["status"] == "ok"), {})
 
 
 # ---------------------------------------------------------------------------------------------

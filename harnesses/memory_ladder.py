@@ -46,7 +46,6 @@ from common import checks
 from harnesses import compare  # noqa: E402
 from harnesses.compare import RunSpec, fmt_loss, gib  # noqa: E402
 from common.config import parse_config  # noqa: E402
-from common.run_files import now, write_json, write_manifest  # noqa: E402
 
 RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
 log = logging.getLogger(RECIPE)
@@ -119,40 +118,20 @@ def table(rows: list[dict]) -> str:
 
 
 def main(cfg: Config) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    started = now()
     rungs = ladder(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    datasets = [cfg.dataset_path] + ([cfg.eval_dataset_path] if cfg.eval_dataset_path else [])
-    write_manifest(out, cfg, datasets, started, "running")
-
+    report = compare.Report(RECIPE, cfg)
     rows = compare.run_all(cfg, rungs, __file__)
-
-    first = next((r for r in rows if r["status"] == "ok"), {})
+    first = compare.first_ok(rows)
     header = (f"Model {first.get('model', cfg.model_name_or_path)}, {cfg.max_steps} optimizer steps of "
               f"{cfg.per_device_train_batch_size} sequences per rung, max_length {cfg.max_length}; device: "
               f"{first.get('device', '?')}. Peak memory: {first.get('peak_memory_method', '?')}. Planner: "
               "common.memory's peak_bytes. Tokens/s: non-pad tokens trained per second of training.")
-    text = table(rows)
-    (out / "memory_ladder.md").write_text(header + "\n\n" + text + "\n")
-    write_json(out / "memory_ladder.json", {"header": header, "rows": rows})
-    compare.plot_losses(rows, out / "loss.png", f"memory_ladder on {Path(first.get('model', '')).name}")
-    failed = [r for r in rows if r["status"] == "failed"]
-    write_json(out / "metrics.json", {
-        "recipe": RECIPE, "device": first.get("device"), "world_size": 1, "rungs": len(rows),
-        "failed": [r["name"] for r in failed], "skipped": [r["name"] for r in rows if r["status"] == "skipped"],
+    return report.finish(rows, header, table(rows), {
+        "rungs": len(rows), "skipped": [r["name"] for r in rows if r["status"] == "skipped"],
         "per_rung": {r["name"]: {k: r.get(k) for k in (
             "status", "error", "note", "trainable_params", "total_params", "wall_seconds", "train_seconds",
             "trained_tokens", "tokens_per_second", "peak_memory_bytes", "peak_memory_method", "final_train_loss",
-            "eval_loss_after")} | {"planner_peak_bytes": (r.get("planner") or {}).get("bytes")} for r in rows}})
-    write_manifest(out, cfg, datasets, started, "finished")
-    print("\n" + header + "\n\n" + text)
-    if failed:
-        print(f"error: {len(failed)} of {len(rows)} rungs failed (the table is in {out}): "
-              + "; ".join(f"{r['name']}: {r['error']}" for r in failed), file=sys.stderr)
-        return 1
-    return 0
+            "eval_loss_after")} | {"planner_peak_bytes": (r.get("planner") or {}).get("bytes")} for r in rows}}, "rungs")
 
 
 if __name__ == "__main__":
