@@ -8,6 +8,10 @@ Each check fails before the model loads (or right after, for placement) with the
   by `device_map="auto"` (naive model parallelism, which DDP cannot wrap);
 - ranks that loaded different data (different files on different nodes).
 
+Glue between a multi-rank recipe and the run scaffold (common/run.py): the entry point that parses the
+options before any process group exists, rank-prefixed logging, the checkpoint rank 0 found shared with every
+rank, and the figures of a hand-written training loop in the form Run.finish reads.
+
 And the launcher's end: `python -m common.distributed [--report_as NAME] <torchrun arguments>` runs
 torchrun in this process and, when ranks fail, ends with ONE line naming the rank that failed first,
 its exit code, its error line and its log file, instead of torchrun's ChildFailedError traceback (and
@@ -98,19 +102,19 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def run_on_every_rank(main, cls, argv: list[str] | None = None) -> None:
-    """A multi-rank recipe's entry point: parse, call main, and end the rank through exit_process. A check,
-    data or run-directory error is one `error:` line (exit 1); exit_for_requeue keeps its 75; anything else
-    prints its traceback (torchrun then names the rank that failed first)."""
+def run_on_every_rank(main, classes, argv: list[str] | None = None) -> None:
+    """A multi-rank recipe's entry point: parse `classes` (its Config, then any library config), call
+    main(*configs), and end the rank through exit_process. A check, data or run-directory error is one `error:`
+    line (exit 1); exit_for_requeue keeps its 75; anything else prints its traceback (torchrun then names the
+    rank that failed first)."""
     import traceback
 
-    from common.config import parse_config
     from common.run import RUN_ERRORS
 
-    config = parse_config(cls, argv)
+    configs = parse_unlaunched(classes, argv)
     code = 1
     try:
-        main(config)
+        main(*(configs if isinstance(configs, tuple) else (configs,)))
         code = 0
     except RUN_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
@@ -119,6 +123,54 @@ def run_on_every_rank(main, cls, argv: list[str] | None = None) -> None:
     except BaseException:
         traceback.print_exc()
     exit_process(code)  # destroys the process group (a rank that skips it can hang its peers)
+
+
+_LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE")
+
+
+def parse_unlaunched(classes, argv: list[str] | None = None):
+    """parse_config with the launcher's rank variables hidden. Building TrainingArguments starts accelerate's
+    process group when they are set, over gloo since parse_config builds it for the CPU; init_distributed must
+    start it instead (NCCL on GPUs, its own timeout). The recipe's library_args builds them again, launched."""
+    from common.config import parse_config
+
+    saved = {k: os.environ.pop(k) for k in _LAUNCHER_VARIABLES if k in os.environ}
+    try:
+        return parse_config(classes, argv)
+    finally:
+        os.environ.update(saved)
+
+
+def setup_rank_logging(rank: Rank) -> None:
+    """Rank 0 logs INFO, the other ranks WARNING and above; every line names its rank."""
+    logging.basicConfig(level=logging.INFO if rank.is_main else logging.WARNING,
+                        format=f"%(asctime)s rank{rank.rank} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def open_run(run) -> Path | None:
+    """Run.open (rank 0 locks and checks the run directory and finds the checkpoint); every rank then resumes
+    from that checkpoint: its segments and trainer.train need it."""
+    found = gather(str(run.open() or "") if run.main_process else "")[0]
+    run.resume_from = Path(found) if found else None
+    return run.resume_from
+
+
+def loop_summary(model, losses: list[float], world_size: int, seconds: float, cpu_seconds: float, tokens: int):
+    """(trainer, whole) for Run.finish from a hand-written training loop, one loss per optimizer step: what
+    Run.finish reads of a Trainer (state, model, world size) and the one segment Run.train would return."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    steps = len(losses)
+    state = TrainerState(global_step=steps, log_history=[{"step": i + 1, "loss": x} for i, x in enumerate(losses)])
+    trainer = SimpleNamespace(state=state, model=model, args=SimpleNamespace(world_size=world_size))
+    segment = {"start_step": 0, "end_step": steps, "train_seconds": round(seconds, 3),
+               "train_cpu_seconds": round(cpu_seconds, 3), "loss_sum": sum(losses), "trained_tokens": tokens}
+    whole = {"segments": [segment], "segments_complete": True, "optimizer_steps_trained": steps,
+             "train_seconds": seconds, "train_cpu_seconds": cpu_seconds, "trained_tokens": tokens,
+             "mean_train_loss": sum(losses) / steps if steps else None}
+    return trainer, whole
 
 
 def exit_process(code: int) -> None:
