@@ -11,7 +11,10 @@ What it is for: the numbers you want after fine-tuning, on held-out data, for th
     the model generates one; accuracy (the one allowed label the reply names) and exact match (the reply
     is the label), invalid replies counted, chance level reported;
   - the catastrophic-forgetting check (seed 003): the same metrics for a baseline (the base model) on a
-    general-knowledge set and the domain set, and the delta fine-tuned - baseline per set.
+    general-knowledge set and the domain set, and the delta fine-tuned - baseline per set;
+  - with --harness_tasks, lm-evaluation-harness tasks on the same model and baseline (the optional eval extra:
+    bash launch/setup_eval.sh), folded into the same table and forgetting check as "lm-eval:<task>" sets; local
+    tasks for the data in data/ (persona_keywords, general_keywords, intent_classification) run offline.
 
 The model under test is any of: a model folder (--model_name_or_path, e.g. the base or a merged export
 from recipes/merge_export.py), a base + adapter (--adapter_path, or --model_name_or_path pointing at an
@@ -21,6 +24,7 @@ adapter folder). With an adapter, the baseline is the same base with the adapter
 Run:
     bash launch/evaluate.sh --adapter_path runs/sft_memory_diet/adapter
     bash launch/evaluate.sh --model_name_or_path runs/merge_export/merged --baseline_model_name_or_path asset:smollm2
+    bash launch/evaluate.sh --adapter_path runs/sft_memory_diet/adapter --harness_tasks persona_keywords general_keywords
     python recipes/evaluate.py --config recipes/configs/evaluate.yaml [--key value ...]
 Writes metrics.json (every figure), results.md (the table, also printed), generations.json, manifest.json,
 loss.png (per-set loss, model vs baseline).
@@ -41,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import transformers  # noqa: E402
 
-from common import checks  # noqa: E402
+from common import checks, harness_eval  # noqa: E402
 from common.data import load_dataset_file, to_messages  # noqa: E402
 from common.evaluation import (SCALES, TABLE_METRICS, deltas, load_model_under_test, plot_set_losses,  # noqa: E402
                                results_table, score_set)
@@ -71,16 +75,18 @@ class Config(ModelOptions):
     max_length: int = field(default=512, metadata={"help": "tokens per example for perplexity (longer ones are truncated)"})
     max_examples: int = field(default=0, metadata={"help": "use at most N examples per set (0 = all)"})
     seed: int = field(default=42, metadata={"help": "random seed (generation is greedy)"})
+    harness_tasks: list[str] = field(default_factory=list, metadata={"help": "lm-eval tasks scored on the model and the baseline too (needs bash launch/setup_eval.sh): persona_keywords, general_keywords, intent_classification (data/lm_eval_tasks), or any lm-eval task where its data is reachable"})
 
 
-def validate(cfg: Config) -> dict[str, str]:
-    """Everything that needs no model, each with the option to change; returns the sets to score, by name."""
+def validate(cfg: Config) -> tuple[dict[str, str], harness_eval.Harness | None]:
+    """Everything that needs no model, each with the option to change; returns the sets to score, by name, and the
+    lm-eval tasks (lm-eval installed, every name known) or None."""
     sets = {name: path for name, path in (("domain", cfg.domain_dataset_path), ("general", cfg.general_dataset_path),
                                            ("classification", cfg.classification_dataset_path)) if path}
     if not sets:
         raise checks.CheckFailed("no evaluation set: pass --domain_dataset_path, --general_dataset_path or "
                                  "--classification_dataset_path")
-    return sets
+    return sets, harness_eval.check_tasks(cfg.harness_tasks) if harness_eval.split_tasks(cfg.harness_tasks) else None
 
 
 def classification_prompt(text: str, labels: list[str]) -> list[dict]:
@@ -131,10 +137,11 @@ def main(cfg: Config) -> dict:
     for key in OPTIONAL:
         if str(getattr(cfg, key)).strip().lower() in ("", "none", "null"):
             setattr(cfg, key, None)  # the command line cannot say null: '' or none unsets an option
-    run = Run(RECIPE, cfg, datasets=[cfg.domain_dataset_path, cfg.general_dataset_path, cfg.classification_dataset_path])
+    run = Run(RECIPE, cfg, datasets=[cfg.domain_dataset_path, cfg.general_dataset_path, cfg.classification_dataset_path,
+                                     *harness_eval.data_files(cfg.harness_tasks)])
     transformers.logging.set_verbosity_error()
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." per call
-    sets = validate(cfg)
+    sets, harness = validate(cfg)
     items = {}
     for name, path in sets.items():
         records, fmt = load_dataset_file(path)
@@ -170,20 +177,30 @@ def main(cfg: Config) -> dict:
     elif cfg.compare_baseline:
         run.log.info("no baseline: pass --baseline_model_name_or_path (e.g. the base model) for the forgetting check")
 
+    # ---- lm-evaluation-harness on the same model and baseline (--harness_tasks) -------------------
+    plot_set_losses(run.output_dir / "loss.png", results, baseline)  # the recipe's own sets: lm-eval has no loss
+    if harness:
+        del model  # lm-eval loads its own copy of each model
+        scores = harness_eval.evaluate(harness, cfg.model_name_or_path, cfg.adapter_path,
+                                       (cfg.baseline_model_name_or_path or True) if baseline is not None else None,
+                                       dtype, run.device, cfg.batch_size, max(cfg.max_examples, 0), cfg.max_new_tokens)
+        harness_eval.fold(scores, results, baseline, generations)
+
     # ---- report ----------------------------------------------------------------------------------
     table = results_table(results, baseline)
     print(f"\nmodel: {described}" + (f"\nbaseline: {baseline_described}" if baseline else "") + "\n\n" + table)
     (run.output_dir / "results.md").write_text(f"model: {described}\n\n" + (f"baseline: {baseline_described}\n\n"
                                                                               if baseline else "") + table)
     write_json(run.output_dir / "generations.json", generations)
-    plot_set_losses(run.output_dir / "loss.png", results, baseline)
     delta = deltas(results, baseline) if baseline else None
+    forgetting = ({k: -v for k, v in delta.get("general", {}).items()
+                   if k in ("keyword_accuracy", "rougeL", "exact_match", "chrf")} if baseline and "general" in results else None)
+    if harness and baseline:
+        forgetting = {**(forgetting or {}), **harness_eval.forgetting(delta, scores)}
     return run.write_results({
         "model": described, "baseline": baseline_described, "datasets": sets, "results": results,
-        "baseline_results": baseline, "deltas": delta,
-        "forgetting": ({k: -v for k, v in delta.get("general", {}).items()
-                        if k in ("keyword_accuracy", "rougeL", "exact_match", "chrf")} if baseline and "general" in results else None),
-        "metric_scales": SCALES,
+        "baseline_results": baseline, "deltas": delta, "forgetting": forgetting, "metric_scales": SCALES,
+        "harness": scores.summary if harness else None,
     })
 
 

@@ -242,3 +242,18 @@ def test_unscorable_data_is_refused_before_loading(tmp_path):
         recipe.main(recipe.Config(domain_dataset_path=str(REPO / "data/samples/preference.jsonl"),
                                   output_dir=str(tmp_path / "e")))
     assert not (tmp_path / "e").exists()
+
+
+def test_harness_tasks_without_lm_eval_is_one_error_line(tmp_path):
+    """lm-eval is an optional extra: without it --harness_tasks stops before anything loads, naming the install."""
+    import sys
+
+    out = tmp_path / "e"
+    code = ("import runpy, sys; sys.modules['lm_eval'] = None; "  # as if not installed, whether it is or not
+            f"sys.argv = ['recipes/evaluate.py', '--harness_tasks', 'persona_keywords', '--output_dir', {str(out)!r}]; "
+            "runpy.run_path('recipes/evaluate.py', run_name='__main__')")
+    proc = run([sys.executable, "-c", code])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: --harness_tasks needs lm-eval, an optional extra; install it "
+                                                    "with bash launch/setup_eval.sh (or: pip install -r requirements-eval.txt)")
+    assert "Traceback" not in proc.stderr and not out.exists()
