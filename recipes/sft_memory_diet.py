@@ -40,6 +40,7 @@ from common.probes import KeywordProbe  # noqa: E402
 from common.run import RUN_ERRORS, Run, RunOptions  # noqa: E402
 from common.run_files import write_json  # noqa: E402
 from common.trainer import StepProfiler, TokenCountingTrainer, accepts_logits_to_keep  # noqa: E402
+from harnesses.pruning import report_to_sweep_trial  # noqa: E402  (optuna is imported only in a sweep trial)
 
 RECIPE = Path(__file__).stem  # a copy writes runs/<its name> and "recipe": "<its name>"
 log = logging.getLogger(RECIPE)
@@ -136,6 +137,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
                                    processing_class=tokenizer,
                                    callbacks=run.callbacks(("trained_tokens", "trained_labelled_tokens", "trained_positions")))
     run.bind(trainer)
+    report_to_sweep_trial(trainer)  # a trial of harnesses/sweep.py: eval_loss to its Optuna trial, stop if pruned
     trainer.labelled_logits_only = cfg.labelled_logits_only
     if cfg.profile_steps > 0:
         trainer.add_callback(StepProfiler(cfg.profile_steps, run.output_dir / "profile.txt"))
