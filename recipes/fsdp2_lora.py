@@ -50,13 +50,13 @@ class Config(RunOptions, LoraOptions):
     seed: int = field(default=0, metadata={"help": "random seed (the same batch order on every rank)"})
 
 
-def validate(cfg: Config, run: Run, rank: ddp.Rank, examples: int) -> None:
-    """Each check with the option to change."""
+def validate(cfg: Config, run: Run, rank: ddp.Rank) -> None:
+    """Everything that needs no model or data, each with the option to change."""
+    if rank.world_size < 2:
+        raise checks.CheckFailed("one process: fully_shard needs a process group of 2 or more ranks; run it with "
+                                 "torchrun --nproc_per_node 2 recipes/fsdp2_lora.py [--key value ...]")
     if run.precision == "fp16":
         raise checks.CheckFailed("--precision fp16: this loop has no loss scaler; use bf16 or fp32")
-    if cfg.per_device_train_batch_size * rank.world_size > examples:
-        raise checks.CheckFailed(f"--per_device_train_batch_size {cfg.per_device_train_batch_size} x {rank.world_size} "
-                                 f"ranks needs more than the {examples} examples of {cfg.dataset_path}; lower it")
 
 
 def main(cfg: Config) -> dict:
@@ -67,16 +67,18 @@ def main(cfg: Config) -> dict:
     rank = ddp.init_distributed(cfg.device)
     ddp.setup_rank_logging(rank)
     run = Run(RECIPE, cfg, datasets=[cfg.dataset_path], main_process=rank.is_main)
+    validate(cfg, run, rank)
 
     # ---- data: every rank tokenizes the same examples ------------------------------------------------
     path = resolve_model_path(cfg.model_name_or_path) if rank.local_rank == 0 else None
-    if rank.world_size > 1:
-        dist.barrier()  # local rank 0 builds an asset:* model once per node
+    dist.barrier()  # local rank 0 builds an asset:* model once per node
     path = path or resolve_model_path(cfg.model_name_or_path)
     tok = AutoTokenizer.from_pretrained(path)
     records, fmt = load_dataset_file(cfg.dataset_path)
     features, _ = tokenize_sft([("", to_messages(r.data, fmt), r.data) for r in records], tok, cfg.max_length)
-    validate(cfg, run, rank, len(features))
+    if cfg.per_device_train_batch_size * rank.world_size > len(features):
+        raise checks.CheckFailed(f"--per_device_train_batch_size {cfg.per_device_train_batch_size} x {rank.world_size} "
+                                 f"ranks needs more than the {len(features)} examples of {cfg.dataset_path}; lower it")
     ddp.check_same_data_on_all_ranks(features, cfg.dataset_path)
     ddp.open_run(run)
 
@@ -109,8 +111,7 @@ def main(cfg: Config) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         total = loss.detach().float().clone()
-        if rank.world_size > 1:
-            dist.all_reduce(total)  # SUM: the one reduction every backend (gloo included) has
+        dist.all_reduce(total)  # SUM: the one reduction every backend (gloo included) has
         losses.append(total.item() / rank.world_size)
         tokens += int(batch["attention_mask"].sum())
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
@@ -120,7 +121,7 @@ def main(cfg: Config) -> dict:
     trainer, whole = ddp.loop_summary(model, losses, rank.world_size, seconds, cpu_seconds, sum(ddp.gather(tokens)))
     return run.finish(trainer, whole, {
         "model": path, "losses": losses, "local_param_counts": sizes, "full_param_count": full_size,
-        "sharded": all(s < full_size for s in sizes) if rank.world_size > 1 else False,
+        "sharded": all(s < full_size for s in sizes),
     }, f"FSDP2 LoRA x{rank.world_size} on {Path(path).name}", headline=(
         "world_size", "losses", "local_param_counts", "full_param_count", "sharded", "tokens_per_second"))
 
