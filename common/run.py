@@ -9,6 +9,7 @@
     run.started()                                               # manifest.json "running"
     whole = run.train(trainer)                                  # disk full, signals (exit 75), all segments
     run.finish(trainer, whole, {...recipe figures...})          # metrics.json, loss.png, manifest "finished"
+                                                                # (--report_to mlflow: all of it in one MLflow run)
     run.write_results({...})                                    # instead, for a recipe that trains nothing
 
 `run_recipe` is the `if __name__ == "__main__"` of every recipe: parse, call main, and turn the errors the
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 
-from common import checks
+from common import checks, tracking
 from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, NonFiniteGuard, RunError, RunSegments,
                                 SaveOnSignal, exit_for_requeue, explain_disk_full, prepare_output_dir)
 from common.config import parse_config
@@ -100,6 +101,12 @@ class Run:
         # a recipe without a precision option (merge_export: always fp32, then --dtype) resolves none
         self.precision = resolve_precision(cfg.precision, self.device) if hasattr(cfg, "precision") else None
         self.memory: PeakMemory | None = None
+        # --report_to mlflow: one MLflow run (common.tracking), opened at the later of callbacks() and started()
+        self.mlflow = args is not None and tracking.reports_to_mlflow(args.report_to)
+        if self.mlflow:
+            tracking.require_mlflow("--report_to mlflow")
+        self.tracked: tracking.TrackedRun | None = None
+        self.is_started = False
 
     # ---- the library config for this device ---------------------------------------------------------
     def library_args(self, args, **decided):
@@ -122,6 +129,18 @@ class Run:
         """manifest.json "running": only after the fail-fast checks, so a failed start leaves no trace."""
         if self.main_process:
             write_manifest(self.output_dir, self.config, self.datasets, self.started_at, "running")
+        self.is_started = True
+        self.start_tracking()
+
+    def start_tracking(self) -> None:
+        """The MLflow run, once the fail-fast checks passed (started) and the Trainer has its callbacks, before
+        its first log: the Trainer's MLflowCallback then logs into it (common.tracking.start_run)."""
+        if self.mlflow and self.main_process and self.tracked is None and self.is_started and self.segments is not None:
+            library = {f.name for f in dataclasses.fields(self.args)}  # the callback logs those, as they ran
+            params = {k: v for k, v in config_dict(self.cfg).items() if k not in library}
+            self.tracked = tracking.start_run(self.recipe, self.output_dir, params,
+                                              resume=self.resume_from is not None,
+                                              interrupted=lambda: bool(self.preempted and self.preempted.received))
 
     def measure_memory(self) -> PeakMemory:
         """Start the peak-memory measurement; call it just before the model loads."""
@@ -139,6 +158,7 @@ class Run:
         if signals:
             self.preempted = SaveOnSignal()
             out.append(self.preempted)
+        self.start_tracking()
         return out
 
     def bind(self, trainer) -> None:
@@ -188,6 +208,8 @@ class Run:
             write_json(self.output_dir / "metrics.json", metrics)
             write_manifest(self.output_dir, self.config, self.datasets, self.started_at, "finished",
                            {"resumed_from": str(self.resume_from) if self.resume_from else None})
+            if self.tracked is not None:
+                self.tracked.finish(self.output_dir, metrics, step=trainer.state.global_step)
             shown = {k: metrics.get(k) for k in headline or ("final_train_loss", "tokens_per_second",
                                                              "peak_memory_bytes", "wall_seconds")}
             self.log.info("done: %s", json.dumps(shown, default=str))

@@ -116,7 +116,7 @@ def labelled_logits_inputs(inputs: dict) -> dict:
     return {**inputs, "logits_to_keep": keep, "shift_labels": shift[keep]}
 
 
-TRACKER_DIRS = {"tensorboard": ("TENSORBOARD_LOGGING_DIR", "runs"), "mlflow": ("MLFLOW_TRACKING_URI", "mlruns"),
+TRACKER_DIRS = {"tensorboard": ("TENSORBOARD_LOGGING_DIR", "runs"), "mlflow": ("MLFLOW_TRACKING_URI", None),
                 "trackio": ("TRACKIO_DIR", "trackio")}
 OWNED_VARIABLE = "FT_TRACKER_DIRS_SET"  # the values a recipe put there (JSON), so a later run, in this process or
 # a child (a sweep's trials, torchrun's ranks), tells them from a value the user set
@@ -130,10 +130,12 @@ def keep_tracking_in_run_dir(output_dir, report_to) -> dict[str, str]:
     but creates its writer at the first log: an evaluate() before train() opens a writer in `./runs` of the
     working directory and every training scalar follows it there. With TENSORBOARD_LOGGING_DIR set, every
     writer (before, during and after training, and after a resume) opens in <output_dir>/runs, so
-    `tensorboard --logdir <output_dir>/runs` shows one curve per run. mlflow gets
-    `file:<output_dir>/mlruns`, trackio TRACKIO_DIR=<output_dir>/trackio. A variable the user set is kept.
-    Returns {tracker: where it writes}.
+    `tensorboard --logdir <output_dir>/runs` shows one curve per run. trackio gets TRACKIO_DIR=<output_dir>/trackio.
+    mlflow gets the one store beside the run directory, common.tracking.store_uri (runs/mlflow.db for runs/<name>),
+    so `mlflow ui` lists every run. A variable the user set is kept. Returns {tracker: where it writes}.
     """
+    from common.tracking import store_uri
+
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     names = [n.strip() for part in names for n in part.split(",") if n.strip()]
     if "all" in names:
@@ -144,15 +146,14 @@ def keep_tracking_in_run_dir(output_dir, report_to) -> dict[str, str]:
         if name not in TRACKER_DIRS:
             continue
         var, folder = TRACKER_DIRS[name]
-        value = str((Path(output_dir) / folder).resolve())
-        value = f"file:{value}" if name == "mlflow" else value
+        value = store_uri(output_dir) if name == "mlflow" else str((Path(output_dir) / folder).resolve())
         if var in os.environ and os.environ[var] != owned.get(var):
             where[name] = os.environ[var]  # the user's choice
             continue
         os.environ[var] = owned[var] = value
         where[name] = value
-        if name == "mlflow":  # mlflow 3.18 refuses a file: store unless opted in; mlflow-skinny has no sqlite store
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if str(where.get("mlflow", "")).startswith("file:"):  # mlflow 3.17+ refuses a file: store unless opted in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     os.environ[OWNED_VARIABLE] = json.dumps(owned)
     return where
 

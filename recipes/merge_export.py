@@ -15,6 +15,9 @@ people deploy, and prove each export computes what the adapter computes:
                     stop tokens. Without the extra, --gguf_type auto skips this with one log line.
   adapter/          the adapter alone (PEFT), for multi-adapter serving (vLLM --enable-lora --lora-modules
                     name=DIR; TGI LORA_ADAPTERS) on the unmerged base.
+  --register_model NAME  (the tracking extra, bash launch/setup_tracking.sh) merged/ and adapter/ as new versions of
+                    NAME-merged and NAME-adapter in the MLflow store beside the run directory (runs/mlflow.db), tagged
+                    with the base model, the training data's sha256, the recipe and the git commit (docs/tracking.md).
 
 The merge, for LoRA and QLoRA adapters alike: load the base UNQUANTIZED in fp32, apply the adapter, merge
 in fp32 (W + scale * B @ A), cast once to the target dtype. A QLoRA adapter (the run's manifest.json says
@@ -58,6 +61,7 @@ from common.evaluation import end_of_turn_token_id  # noqa: E402
 from common.gguf import export_gguf, plan_gguf  # noqa: E402
 from common.models import DTYPES  # noqa: E402
 from common.run import ModelOptions, Run, run_recipe  # noqa: E402
+from common.tracking import check_model_name, register_export  # noqa: E402
 from common.verify import (check_unquantized_base, compare_with_4bit_training, detect_4bit_training,  # noqa: E402
                            export_generation_config, folder_bytes, merge_lora, per_sample_loss, plot_losses,
                            reference_logits, verification_inputs, verify_in_fresh_process)
@@ -87,11 +91,14 @@ class Config(ModelOptions):
     num_samples: int = field(default=8, metadata={"help": "conversations used to compare logits"})
     max_logit_diff: float | None = field(default=None, metadata={"help": "tolerance on max |logit diff| merged vs adapter (default by dtype: fp32 1e-3, fp16 0.5, bf16 2.0)"})
     seed: int = field(default=42, metadata={"help": "random seed"})
+    register_model: str | None = field(default=None, metadata={"help": "NAME: register merged/ and adapter/ as versions of NAME-merged and NAME-adapter in the MLflow store (needs the tracking extra: bash launch/setup_tracking.sh); default: off"})
 
 
 def validate(cfg: Config) -> tuple[dict, str, str]:
     """Everything about the adapter and its base that needs no weights, each with the option to change:
     (the adapter's config, the base folder, the dtype of merged/)."""
+    if cfg.register_model is not None:  # first: mlflow installed, a name the registry takes
+        check_model_name(cfg.register_model)
     adapter_dir = Path(cfg.adapter_path)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise checks.CheckFailed(f"--adapter_path {adapter_dir}: no adapter_config.json there. Pass the adapter folder "
@@ -204,6 +211,10 @@ def main(cfg: Config) -> dict:
                                                        "verified"))
     if failures:
         raise checks.CheckFailed("verification failed: " + "; ".join(failures) + f" (figures in {run.output_dir / 'metrics.json'})")
+    if cfg.register_model is not None:  # only a verified export becomes a model version
+        metrics = register_export(cfg.register_model, run, metrics, {"merged": merged_dir, "adapter": adapter_copy or adapter_dir},
+                                  adapter_dir, base)
+        run.log.info("registered: %s", metrics["registered_model_versions"])
     return metrics
 
 
