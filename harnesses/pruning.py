@@ -63,7 +63,7 @@ class ReportToTrial(TrainerCallback):
     def __init__(self, spec: dict):
         import optuna
 
-        self.spec, self.training, self.pruned, self.reported = spec, False, False, set()
+        self.spec, self.training, self.pruned, self.detached, self.reported = spec, False, False, False, set()
         study = optuna.load_study(study_name=spec["study"], storage=open_storage(spec["storage"]),
                                   pruner=make_pruner(**spec["pruner"]))
         self.trial = optuna.trial.Trial(study, spec["trial_id"])
@@ -82,10 +82,17 @@ class ReportToTrial(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value, step = (metrics or {}).get("eval_loss"), state.global_step
-        if value is None or step in self.reported or self.pruned:
+        if value is None or step in self.reported or self.pruned or self.detached:
             return
         self.reported.add(step)
-        self.trial.report(float(value), step)
+        import optuna
+
+        try:
+            self.trial.report(float(value), step)
+        except optuna.exceptions.UpdateFinishedTrialError:  # a worker took this trial for dead: train on, unreported
+            log.warning("the sweep's trial %s is no longer running; eval_loss not reported", self.spec["trial_id"])
+            self.detached = True
+            return
         # only inside training and before its last step: stopping there saves nothing
         if self.training and step < state.max_steps and self.trial.should_prune():
             self.pruned = True

@@ -2,57 +2,39 @@
 the held-out loss, and a study that any number of workers share and a rerun resumes. One process per trial.
 
 What it is for: finding a learning rate, LoRA rank/alpha, batch size (or any other option of
-recipes/sft_memory_diet.py) that gives the lowest held-out loss. Each trial runs the SFT recipe as
-its own process (`python recipes/sft_memory_diet.py --config <base_config> --key value ...
---output_dir <sweep>/trials/<id>/run`), so a trial that crashes or runs out of memory cannot take
-the sweep or the next trial with it. A worker runs one trial at a time (one device: two trials sharing
-it would slow each other down and spoil the tokens/s and peak-memory columns); more devices, more workers.
+recipes/sft_memory_diet.py) that gives the lowest held-out loss. Each trial runs the SFT recipe as its own
+process (`python recipes/sft_memory_diet.py --config <base_config> --key value ... --output_dir
+<sweep>/trials/<id>/run`), so a crash or an out-of-memory kill ends only that trial. A worker runs one trial at
+a time (two on one device would skew each other's tokens/s and peak memory); more devices, more workers.
 
 Run (4 trials of SmolLM2-135M-Instruct on the persona data, 8 optimizer steps each):
     bash launch/sweep.sh
     python harnesses/sweep.py --config harnesses/configs/sweep.yaml [--key value ...]
     bash launch/sweep.sh --search tpe --num_trials 8 --pruner median --trial_args eval_steps=2 \
         --space "learning_rate={low: 1.0e-4, high: 3.0e-3, log: true}" "lora_r=[4, 8, 16, 32]" lora_alpha=2r
-    NWORKERS=2 bash launch/sweep.sh ...          # two workers on one study (one machine)
-    sbatch --array=0-3 launch/slurm_sweep.sbatch ...   # four workers on a cluster (shared file system)
+    NWORKERS=2 bash launch/sweep.sh ...                  # two workers on one study (one machine)
+    sbatch --array=0-3 launch/slurm_sweep.sbatch ...     # four workers on a cluster (shared file system)
 
-Search (`search`, each seeded by `seed`): grid (every combination of the lists, Optuna's GridSampler, in a
-seeded order), random (RandomSampler), tpe (TPESampler: `tpe_startup_trials` random trials, then it models
-the results), qmc (QMCSampler, Sobol: random-like, but covering the ranges evenly). The space (`space`, a
-mapping in the YAML): a list is a set of choices, `{low, high, log}` a range (log-uniform with `log: true`;
-integers when both bounds are integers; `num: N` turns it into N grid points), a single value is fixed.
-`lora_alpha: 2r` ties alpha to each trial's rank. `trial_args` are options every trial gets (model, data,
-max_steps ...). On the command line `--space k=v ...` replaces the YAML space, `--trial_args k=v ...`
-updates the YAML trial_args key by key (v is YAML: 3.0e-4, [8, 16], null, true).
+- search: grid (GridSampler) | random | tpe | qmc, seeded by `seed`. The space: a list is a set of choices,
+  `{low, high, log}` a range (`num: N`: N grid points), a single value is fixed, `lora_alpha: 2r` ties alpha
+  to each trial's rank. `--space k=v ...` replaces the YAML space, `--trial_args k=v ...` updates the
+  YAML trial_args key by key (v is YAML).
+- pruner: none | median | successive_halving, on the held-out loss each trial reports at its evaluations
+  during training (trial_args `eval_steps`; harnesses/pruning.py). A pruned trial stops training, still
+  writes its metrics.json, exits 0 with run/pruned.json and is marked PRUNED.
+- storage: sqlite (<output_dir>/study.db, one machine) | journal (<output_dir>/study.journal, workers on a
+  shared file system) | a URL. The study's name follows the settings, so reruns and workers find it; a lock
+  file in the sweep dir keeps two workers from picking one trial; a trial whose worker died (heartbeat) is
+  run again from its checkpoint.
+- Trial ids: the swept values plus a hash of every option the sweep gives the trial, so the same values
+  map to the same folder in any study: finished trials are not run again, interrupted ones resume,
+  failed ones are retried (--retry_failed false keeps them failed).
 
-Pruning (`pruner`: none | median | successive_halving): every trial reports its held-out loss at each
-evaluation during training (the recipe's `eval_steps`, which must then be set in trial_args) to its Optuna
-trial (harnesses/pruning.py, through the SWEEP_TRIAL environment variable). A trial the pruner finds
-hopeless stops training there, still evaluates and writes its metrics.json, exits 0 with
-run/pruned.json, and is marked PRUNED. QLoRA on a CPU evaluates only after training: nothing to prune on.
-
-Storage (`storage`): sqlite (<output_dir>/study.db: one machine), journal (<output_dir>/study.journal,
-Optuna's journal file: several processes or nodes on a shared file system), or a URL (sqlite:///x.db,
-postgresql://..., journal:<path>). The study's name follows the sweep's settings (`study_name` to choose
-one), so a rerun and every worker of the same command find the same study. A worker takes trials until
-num_trials (grid: the whole grid) have an outcome; a lock file in the sweep dir keeps workers from picking
-the same one. A running trial records a heartbeat; one whose worker died (same host: its pid is gone;
-elsewhere: no heartbeat for `stale_after` s) is marked failed and run again, resumed from its checkpoint.
-
-Writes to --output_dir: leaderboard.json/.md/.csv (finished trials ranked by eval_loss_after, then pruned
-ones, then failed ones with their exit code and last error line), metrics.json (best trial, counts, wall
-time), manifest.json, Optuna's plots (optimization_history.png, param_importances.png,
-parallel_coordinate.png, intermediate_values.png), the study, and trials/<id>/ (trial.json, stdout.log,
-stderr.log, run/ = the recipe's output dir). A trial's id is its swept values plus a hash of every option
-the sweep gives it (base config values, trial_args, swept values; not the recipe's code defaults), so
-the same values map to the same folder in any study: a finished trial is not run again, an interrupted
-one resumes from its checkpoint, a failed one is retried (--retry_failed false keeps it failed).
-
-SIGTERM/SIGINT: forwarded to the running trial, which saves a checkpoint and exits 75; the worker then
-stops and exits 75 too. Rerun the same command to resume. Exit codes: 0 when at least one trial of the
-study finished, 1 when none did (or a bad space), 2 a bad option, 75 stopped by a signal.
-
-Measured here: docs/sweep.md (2-core CPU VM shared with other jobs).
+Writes to --output_dir: leaderboard.json/.md/.csv, metrics.json, manifest.json, Optuna's plots (*.png),
+the study, and trials/<id>/ (trial.json, stdout.log, stderr.log, run/ = the recipe's output dir).
+SIGTERM/SIGINT: forwarded to the running trial (checkpoint, exit 75); the worker then exits 75; rerun to
+resume. Exit codes: 0 at least one trial of the study finished, 1 none did (or a bad space), 2 a bad
+option, 75 stopped by a signal. Details and the figures measured here: docs/sweep.md.
 """
 from __future__ import annotations
 
@@ -98,7 +80,7 @@ SHORT = {"learning_rate": "lr", "lora_r": "r", "lora_alpha": "alpha", "lora_drop
          "per_device_train_batch_size": "bs", "gradient_accumulation_steps": "ga", "weight_decay": "wd",
          "max_length": "len", "warmup_steps": "warm", "lr_scheduler_type": "sched", "lora_target_modules": "tgt"}
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs each trial itself
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # QMCSampler, the plots
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the matplotlib plots
 
 
 @dataclass
@@ -272,7 +254,9 @@ def make_sampler(cfg: Config, space: dict):
         return optuna.samplers.RandomSampler(seed=cfg.seed)
     if cfg.search == "tpe":
         return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.tpe_startup_trials)
-    return optuna.samplers.QMCSampler(seed=cfg.seed, warn_independent_sampling=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.QMCSampler(seed=cfg.seed, warn_independent_sampling=False)
 
 
 def suggest(trial, space: dict, grid: bool) -> dict:
@@ -479,21 +463,27 @@ def pid_alive(pid) -> bool:
     return True
 
 
+def lock_held(lock: Path) -> bool:
+    """Whether a process holds a run directory's lock (common.checkpoints.lock_output_dir's flock)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False  # closing the fd drops this test lock
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def stop_orphan(run_dir: Path, wait: float) -> None:
     """A trial process left by a killed worker still holds its run dir: SIGTERM it (it saves a checkpoint and
     exits 75) and wait, so the rerun resumes from that checkpoint instead of being refused the folder."""
     lock = run_dir / ".lock"
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except OSError:
+    if not lock_held(lock):
         return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return  # nobody holds it (closing the fd drops our test lock)
-    except BlockingIOError:
-        pass
-    finally:
-        os.close(fd)
     try:
         holder = json.loads(lock.read_text())
     except (OSError, ValueError):
@@ -507,18 +497,8 @@ def stop_orphan(run_dir: Path, wait: float) -> None:
         log.warning("%s is held by %s on %s: waiting for it (a trial whose worker is gone stops itself at its next "
                     "optimizer step)", run_dir, pid, holder.get("host"))
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except OSError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            time.sleep(1)
-        finally:
-            os.close(fd)
+    while lock_held(lock) and time.monotonic() < deadline:
+        time.sleep(1)
 
 
 class Heartbeat:
@@ -934,7 +914,10 @@ def main(cfg: Config) -> int:
                 log.error("%s: %s (exit %s) after %.0f s: %s; log: %s", label(ot, trial), record["status"], record["rc"],
                           record["seconds"], record["error"], tdir / "stderr.log")
         with sweep_lock(out):
-            tell(study, ot, record, done and done["metrics"])
+            try:
+                tell(study, ot, record, done and done["metrics"])
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker took it for dead meanwhile
+                log.warning("%s: already marked failed by another worker (raise --stale_after)", label(ot, trial))
 
     # ---- leaderboard, plots, metrics, manifest (the whole study, as this worker leaves it) ---------------
     with sweep_lock(out):

@@ -1,6 +1,7 @@
-"""harnesses/sweep.py: grid and random search over recipes/sft_memory_diet.py, trials as subprocesses,
-on the tiny model through launch/sweep.sh. Each trial process costs seconds (interpreter + torch
-import), so the module runs 5 trials in all: a 2x2 grid, a rerun (nothing runs), and one bad value."""
+"""harnesses/sweep.py: Optuna grid/random/TPE/QMC search over recipes/sft_memory_diet.py, trials as subprocesses,
+on the tiny model through launch/sweep.sh. Each trial process costs seconds (interpreter + torch import), so
+the default tests run 7 trials in all: a 2x2 grid, a rerun (nothing runs), one bad value, and a 2-trial grid
+with median pruning. The slow ones: SIGTERM and resume, kill -9 of a worker and a rerun, two workers."""
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 
 from conftest import REPO, run
@@ -231,3 +233,187 @@ def test_sigterm_stops_the_running_trial_and_a_rerun_resumes_it(tiny_dir, tmp_pa
     assert man["resumed_from"].endswith(f"checkpoint-{step}")
     (row,) = board(out)
     assert row["status"] == "finished" and row["optimizer_steps"] == 400 and math.isfinite(row["eval_loss_after"])
+
+
+# ---- Optuna: samplers, pruning, the study, workers ------------------------------------------------
+def study_of(out):
+    """The sweep's study, as the sweep left it in <out>/study.db."""
+    (summary,) = optuna.get_all_study_summaries(storage=f"sqlite:///{out / 'study.db'}")
+    return optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "pruned"
+    proc = run(sweep_cmd(tiny_dir, out, "--space", "learning_rate=[1.0e-3, 2.0e-2]", "lora_r=[4]", "lora_alpha=2r",
+                         "--pruner", "median", "--pruner_startup_trials", "1",
+                         "--trial_args", "max_steps=4", "eval_steps=1"), env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_median_pruner_stops_the_worse_trial_during_training(pruned):
+    """Grid order (seed 0): lr 2e-2 first, unpruned (the pruner's startup trial); lr 1e-3 trails it at step 2
+    and stops there: fewer optimizer steps, run/pruned.json, PRUNED in the study, a metrics.json all the same."""
+    out, proc = pruned
+    rows = board(out)
+    assert [(r["learning_rate"], r["status"], r["rank"]) for r in rows] == [(2e-2, "finished", 1), (1e-3, "pruned", None)]
+    best, cut = rows
+    marker = json.loads((out / "trials" / cut["trial"] / "run" / "pruned.json").read_text())
+    assert marker["step"] == cut["pruned_at_step"] and 0 < marker["step"] < 4 == marker["max_steps"]
+    assert best["optimizer_steps"] == 4 and cut["optimizer_steps"] == marker["step"]
+    assert not (out / "trials" / best["trial"] / "run" / "pruned.json").exists()
+    study = study_of(out)
+    states = {t.user_attrs["trial"]: t for t in study.trials}
+    assert states[best["trial"]].state == optuna.trial.TrialState.COMPLETE
+    assert states[best["trial"]].value == best["eval_loss_after"]
+    assert states[cut["trial"]].state == optuna.trial.TrialState.PRUNED
+    # every evaluation during training was reported, step by step; the pruned one's stop where it was pruned
+    assert sorted(states[best["trial"]].intermediate_values) == [0, 1, 2, 3, 4]
+    assert max(states[cut["trial"]].intermediate_values) == marker["step"]
+    step = marker["step"]
+    assert states[cut["trial"]].intermediate_values[step] > states[best["trial"]].intermediate_values[step]
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["finished"], m["pruned"], m["ran"], m["optimizer_steps_total"]) == (1, 1, 2, 4 + step)
+    assert f"pruned at step {step}" in (out / "leaderboard.md").read_text()
+    assert "pruned by the sweep's median pruner" in (out / "trials" / cut["trial"] / "stderr.log").read_text()
+    for name in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+    assert sorted(m["plots"]) == sorted(f"{n}.png" for n in sweep.PLOTS)
+
+
+def test_a_pruned_trial_is_not_run_again(pruned, tiny_dir):
+    out, _ = pruned
+    proc = run(sweep_cmd(tiny_dir, out, "--space", "learning_rate=[1.0e-3, 2.0e-2]", "lora_r=[4]", "lora_alpha=2r",
+                         "--pruner", "median", "--pruner_startup_trials", "1",
+                         "--trial_args", "max_steps=4", "eval_steps=1"), env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("skipped, finished in an earlier run") == 2
+    assert [r["status"] for r in board(out)] == ["finished", "pruned"] and all(r["reused"] for r in board(out))
+
+
+@pytest.mark.parametrize("search", ["random", "tpe", "qmc"])
+def test_every_sampler_is_seeded_and_stays_inside_the_space(search):
+    space = {"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}, "lora_r": [4, 8, 16], "lora_alpha": "2r"}
+    cfg = sweep.Config(search=search, space=space, trial_args={"max_steps": 2}, num_trials=6, seed=5)
+    a, b = sweep.plan_trials(cfg)[0], sweep.plan_trials(cfg)[0]
+    assert [t["id"] for t in a] == [t["id"] for t in b] and len(a) == (4 if search == "tpe" else 6)  # tpe: its startup
+    assert all(1e-5 <= t["values"]["learning_rate"] <= 1e-3 and t["args"]["lora_alpha"] == 2 * t["args"]["lora_r"]
+               for t in a)
+    other = sweep.plan_trials(sweep.Config(search=search, space=space, trial_args={"max_steps": 2}, num_trials=6, seed=6))[0]
+    assert [t["id"] for t in other] != [t["id"] for t in a]
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(pruner="median"), "--pruner median: the trials evaluate only before and after training (eval_steps 0), so "
+                            "there is nothing to prune on; add --trial_args eval_steps=N"),
+    (dict(pruner="asha", trial_args={"eval_steps": 2}), "--pruner 'asha': choose none, median or successive_halving"),
+    (dict(search="bayes"), "--search 'bayes': choose grid, random, tpe or qmc"),
+    (dict(search="tpe", num_trials=0), "--num_trials 0: draw at least one trial"),
+])
+def test_bad_search_or_pruner_fails_fast_with_what_to_change(cfg, message):
+    cfg = {"space": {"lora_r": [4, 8]}, **cfg}
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.plan_trials(sweep.Config(**cfg))
+    assert message in str(e.value)
+
+
+def test_pruning_qlora_on_cpu_is_refused_before_anything_runs(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(sweep.SweepError, match="--pruner median with method qlora on a CPU: the recipe refuses "
+                                               "evaluations during QLoRA training on CPU"):
+        sweep.plan_trials(sweep.Config(space={"lora_r": [4]}, pruner="median",
+                                       trial_args={"method": "qlora", "eval_steps": 2}))
+    with pytest.raises(sweep.SweepError, match="--storage 'mysql': choose sqlite, journal, an RDB URL"):
+        sweep.storage_url(sweep.Config(storage="mysql"), sweep.Path("x"))
+
+
+def test_a_duplicate_proposal_is_told_the_earlier_outcome_not_run_again(tmp_path):
+    """Random search over 2 choices asked for 4 trials: the study ends after the 2 distinct ones, the repeats
+    carry the earlier value and `duplicate_of`, and a dead worker's RUNNING trial is failed and enqueued again."""
+    cfg = sweep.Config(search="random", space={"lora_r": [4, 8]}, trial_args={"max_steps": 2}, num_trials=4, seed=0)
+    base = sweep.plan_trials(cfg)[1]
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(study_name="s", storage=storage, sampler=sweep.make_sampler(cfg, cfg.space))
+    seen = []
+    while (job := sweep.next_trial(study, cfg, base, None)) is not None:
+        ot, trial = job
+        seen.append(trial["id"])
+        study.tell(ot, float(trial["args"]["lora_r"]))
+    assert len(seen) == len(set(seen)) == 2
+    dups = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert all(t.value == study.trials[t.user_attrs["duplicate_of"]].value for t in dups)
+    assert set(sweep.latest_by_id(study)) == set(seen)
+    # a RUNNING trial whose worker on this host is gone (a reaped pid)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ot = study.ask()
+    for k, v in (("trial", "x-1"), ("worker", {"host": sweep.HOST, "pid": dead.pid}), ("heartbeat", time.time())):
+        ot.set_user_attr(k, v)
+    sweep.recover_stale(study, storage, cfg)
+    failed = study.trials[ot.number]
+    assert failed.state == optuna.trial.TrialState.FAIL and failed.user_attrs["status"] == "interrupted"
+    assert f"its worker (pid {dead.pid}) is gone" in failed.user_attrs["error"]
+    (waiting,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert waiting.user_attrs == {"trial": "x-1", "retry_of": ot.number}
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_mid_trial_and_a_rerun_finishes_the_study(tiny_dir, tmp_path):
+    """kill -9 leaves the trial RUNNING in the study and its recipe process orphaned; the orphan sees its worker
+    gone and saves a checkpoint (exit 75), the rerun finds the dead worker's trial, runs it again from that
+    checkpoint, and the study completes."""
+    out = tmp_path / "kill"
+    cmd = sweep_cmd(tiny_dir, out, "--space", "learning_rate=[1.0e-3]", "lora_r=[4]", "--trial_args", "max_steps=300",
+                    "save_steps=1000")
+    env = dict(os.environ, PYTHON=sys.executable, **ENV)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("trials/*/run/before.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(3)                                   # inside the training loop
+    proc.kill()                                     # the launcher execs python: this is the worker
+    proc.communicate(timeout=60)
+    study = study_of(out)
+    (t,) = study.trials
+    assert t.state == optuna.trial.TrialState.RUNNING  # what a killed worker leaves behind
+    run_dir = out / "trials" / t.user_attrs["trial"] / "run"
+    deadline = time.time() + 120                      # the orphaned recipe stops itself at its next step
+    while sweep.lock_held(run_dir / ".lock") and time.time() < deadline:
+        time.sleep(0.5)
+    assert not sweep.lock_held(run_dir / ".lock")
+    assert "the sweep worker (pid %d) that started this trial is gone" % proc.pid in \
+        (run_dir.parent / "stderr.log").read_text()
+    assert len(list(run_dir.glob("checkpoint-*/checkpoint_ok.json"))) == 1
+    done = run(cmd, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"its worker (pid {proc.pid}) is gone; running it again" in done.stderr
+    assert "resuming its unfinished run" in done.stderr
+    man = json.loads((run_dir / "manifest.json").read_text())
+    assert "checkpoint-" in (man.get("resumed_from") or "")
+    study = study_of(out)
+    assert [s.state.name for s in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].user_attrs["retry_of"] == 0 and study.trials[0].user_attrs["status"] == "interrupted"
+    (row,) = board(out)
+    assert row["status"] == "finished" and row["optimizer_steps"] == 300 and math.isfinite(row["eval_loss_after"])
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_study_and_run_each_trial_once(tiny_dir, tmp_path):
+    out = tmp_path / "two"
+    proc = run(sweep_cmd(tiny_dir, out, *GRID, "--storage", "journal"), env={**ENV, "NWORKERS": "2"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "+ NWORKERS=2 " in proc.stderr
+    storage = sweep.open_storage(f"journal:{out / 'study.journal'}")
+    (summary,) = optuna.get_all_study_summaries(storage=storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4
+    assert len({t.user_attrs["trial"] for t in study.trials}) == 4
+    assert len({json.dumps(t.user_attrs["worker"], sort_keys=True) for t in study.trials}) == 2  # both worked
+    for tdir in (out / "trials").iterdir():
+        assert len(json.loads((tdir / "trial.json").read_text())["attempts"]) == 1
+    rows = board(out)
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    assert json.loads((out / "metrics.json").read_text())["workers"] == 2
