@@ -29,7 +29,7 @@ from pathlib import Path
 from common import checks, tracking
 from common.checkpoints import (REQUEUE_EXIT_CODE, CheckpointValidator, NonFiniteGuard, RunError, RunSegments,
                                 SaveOnSignal, exit_for_requeue, explain_disk_full, prepare_output_dir)
-from common.config import parse_config
+from common.config import options_set_by_user, parse_config
 from common.data import DataError
 from common.memory import PlanError
 from common.models import resolve_precision
@@ -236,11 +236,17 @@ class Run:
 
 def run_recipe(main, classes, argv: list[str] | None = None):
     """A recipe's entry point: parse `classes` (its dataclass, then library configs) from YAML + CLI, call
-    main(*configs), and exit 1 with one `error:` line on a check, data or run-directory error."""
-    configs = parse_config(tuple(classes) if isinstance(classes, (tuple, list)) else classes, argv)
+    main(*configs), and exit 1 with one `error:` line on a check, data or run-directory error. A main with a
+    `user_options` parameter also gets the options the user set (what a planner may not override)."""
+    import inspect
+
+    classes = tuple(classes) if isinstance(classes, (tuple, list)) else classes
+    configs = parse_config(classes, argv)
     configs = configs if isinstance(configs, tuple) else (configs,)
+    extra = {"user_options": options_set_by_user(classes, argv)} \
+        if "user_options" in inspect.signature(main).parameters else {}
     try:
-        return main(*configs)
+        return main(*configs, **extra)
     except RUN_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -32,12 +32,11 @@ from transformers import AutoTokenizer, TrainingArguments  # noqa: E402
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.collator import tokenize_sft  # noqa: E402
-from common.config import options_set_by_user, parse_config  # noqa: E402
 from common.data import check_control_tokens, load_sft_data, sft_items  # noqa: E402
 from common.fast_path import BATCH_OPTIONS, choose_fast_path  # noqa: E402
 from common.models import LoraOptions, attach_lora, load_base_model  # noqa: E402
 from common.probes import KeywordProbe  # noqa: E402
-from common.run import RUN_ERRORS, Run, RunOptions  # noqa: E402
+from common.run import Run, RunOptions, run_recipe  # noqa: E402
 from common.run_files import write_json  # noqa: E402
 from common.trainer import StepProfiler, TokenCountingTrainer, accepts_logits_to_keep  # noqa: E402
 from harnesses.pruning import report_to_sweep_trial  # noqa: E402  (optuna is imported only in a sweep trial)
@@ -212,9 +211,4 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
 CONFIGS = (Config, TrainingArguments)
 
 if __name__ == "__main__":
-    cfg, args = parse_config(CONFIGS)
-    try:
-        main(cfg, args, options_set_by_user(CONFIGS))
-    except RUN_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_recipe(main, CONFIGS)
