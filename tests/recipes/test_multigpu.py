@@ -101,7 +101,7 @@ def test_two_node_rendezvous_on_localhost(tiny_dir, tmp_path):
     assert m["per_rank"][0]["final_train_loss"] == m["per_rank"][1]["final_train_loss"]
 
 
-@pytest.mark.parametrize("sharding", ["zero2", "zero3"])
+@pytest.mark.parametrize("sharding", ["zero2", pytest.param("zero3", marks=pytest.mark.slow)])  # ZeRO-3 offload: minutes
 def test_deepspeed_zero_through_the_trainer_on_cpu(tiny_dir, tmp_path, sharding):
     proc = launch(tiny_dir, tmp_path / sharding, "--method", "lora", "--max_steps", "2", env={"SHARDING": sharding})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -5,9 +5,13 @@ output directory, and checks the measured before/after figures it records.
 """
 import json
 
+import pytest
+
 from conftest import REPO, run
 
 
+# the README runs this command itself; 3-20 minutes on 2 cores (a third of the default suite), so `pytest -m slow`
+@pytest.mark.slow
 def test_quickstart_learns_the_persona(smollm2_dir, tmp_path):
     out = tmp_path / "quickstart"
     proc = run(["bash", str(REPO / "launch" / "memory_diet.sh"), "--output_dir", str(out)], timeout=1200)
