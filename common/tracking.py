@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -66,8 +67,6 @@ def _client(output_dir):
 def _experiment(mlflow, client, uri: str, name: str) -> str:
     """The experiment's id, created on first use; a SQLite store keeps artifacts beside it (mlflow's default is
     ./mlruns of the working directory)."""
-    import os
-
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
     found = client.get_experiment_by_name(name)
     if found is None:
@@ -99,7 +98,7 @@ class TrackedRun:
         if active is not None and active.info.run_id == self.run_id:
             self.mlflow.end_run("KILLED" if self.interrupted() else "FAILED")
 
-    def finish(self, output_dir, metrics: dict, step: int = 0, status: str = "finished") -> None:
+    def finish(self, output_dir, metrics: dict, step: int = 0) -> None:
         """The run's figures (numbers of metrics.json) at `step`, its run files as artifacts, then FINISHED."""
         mlflow = self.mlflow
         mlflow.flush_async_logging()  # the Trainer's callback logs asynchronously
@@ -110,7 +109,6 @@ class TrackedRun:
         for name in RUN_FILES:
             if (Path(output_dir) / name).is_file():
                 self.client.log_artifact(self.run_id, str(Path(output_dir) / name))
-        self.client.set_tag(self.run_id, "status", status)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run("FINISHED")
