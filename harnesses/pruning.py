@@ -47,11 +47,10 @@ def open_storage(spec: str):
     import optuna
 
     if spec.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+        from optuna.storages.journal import JournalFileBackend
 
-        path = spec.removeprefix("journal:")
-        # the open(O_EXCL) lock, not the default symlink one: it is the one Optuna documents for NFS
-        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        # its default lock (a symlink next to the file) works on NFSv2 and later
+        return optuna.storages.JournalStorage(JournalFileBackend(spec.removeprefix("journal:")))
     # SQLite's default 5 s busy timeout is shorter than a burst of reports from several trial processes
     kwargs = {"connect_args": {"timeout": 60}} if spec.startswith("sqlite") else {}
     return optuna.storages.RDBStorage(spec, engine_kwargs=kwargs)

@@ -584,7 +584,7 @@ def default_study_name(cfg: Config, base: dict) -> str:
 
 @contextlib.contextmanager
 def sweep_lock(out: Path):
-    """One worker at a time picks a trial or writes the sweep's files (flock: one machine or NFSv4)."""
+    """One worker at a time picks a trial or writes the sweep's files (flock on <output_dir>/.sweep.lock)."""
     with open(out / ".sweep.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

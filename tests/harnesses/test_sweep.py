@@ -417,3 +417,15 @@ def test_two_workers_share_one_journal_study_and_run_each_trial_once(tiny_dir, t
     rows = board(out)
     assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
     assert json.loads((out / "metrics.json").read_text())["workers"] == 2
+
+
+def test_the_trial_process_builds_the_sweeps_pruner():
+    """The study stores no pruner (optuna.load_study makes a MedianPruner(n_startup_trials=5)): both sides build it."""
+    from harnesses.pruning import make_pruner
+
+    median = make_pruner("median", startup_trials=1, warmup_steps=3)
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    assert (median._n_startup_trials, median._n_warmup_steps) == (1, 3)
+    halving = make_pruner("successive_halving", warmup_steps=4)
+    assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner) and halving._min_resource == 4
+    assert isinstance(make_pruner("none"), optuna.pruners.NopPruner)
