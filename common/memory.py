@@ -160,6 +160,7 @@ class Settings:
     lora_r: int = _recipe("lora_r")
     lora_targets: str = _recipe("lora_targets")   # comma-separated Linear names, or all-linear
     lora_dropout: float = _recipe("lora_dropout")
+    use_dora: bool = False                # DoRA: one trainable magnitude per output feature of each wrapped Linear
     seq_len: int = 512
     batch_size: int = 1                   # per-device micro-batch
     gradient_accumulation_steps: int = 1
@@ -262,7 +263,7 @@ def _targets(spec: str):
 
 
 def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "all-linear",
-                  lora_dropout: float = 0.0) -> Architecture:
+                  lora_dropout: float = 0.0, use_dora: bool = False) -> Architecture:
     """Instantiate the model on the meta device (no memory, no weights), attach LoRA with peft, count."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -301,6 +302,11 @@ def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "al
     if method in ("lora", "qlora"):
         wrapped = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0]
         arch.lora_modules = len(wrapped)
+        if use_dora:  # counted, not built: DoRA's weight norms need real weights, the meta model has none
+            magnitudes = [(m.out_features,) for _, m in wrapped]
+            arch.trainable_tensors += magnitudes
+            arch.trainable_params += sum(n for n, in magnitudes)
+            arch.total_params += sum(n for n, in magnitudes)
         arch.lora_params = arch.trainable_params
         first_layer = _layer_prefix(wrapped[0][0]) if wrapped else None
         arch.lora_inputs = [(name.rsplit(".", 1)[-1], m.in_features) for name, m in wrapped
@@ -605,7 +611,7 @@ def plan(model: str | None = None, settings: Settings | None = None, config=None
     s.check()
     if arch is None:
         arch = inspect_model(config if config is not None else load_config(model), s.method, s.lora_r,
-                             s.lora_targets, s.lora_dropout)
+                             s.lora_targets, s.lora_dropout, s.use_dora)
     out = {"model": model, "settings": asdict(s), "total_params": arch.total_params,
            "trainable_params": arch.trainable_params, "lora_modules": arch.lora_modules,
            "trainable_percent": round(100 * arch.trainable_params / arch.total_params, 4)}
@@ -668,7 +674,7 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
         while micro >= 1:
             s = replace(base, **change, batch_size=micro, gradient_accumulation_steps=-(-effective // micro))
             if s.method not in archs:
-                archs[s.method] = inspect_model(config, s.method, s.lora_r, s.lora_targets, s.lora_dropout)
+                archs[s.method] = inspect_model(config, s.method, s.lora_r, s.lora_targets, s.lora_dropout, s.use_dora)
             p = plan(model, s, arch=archs[s.method])
             tried.append({"adds": label, "batch_size": micro, "required_gb": round(p["required_bytes"] / GB, 2)})
             if p["required_bytes"] <= budget_bytes:
@@ -720,7 +726,7 @@ def max_batch_size(model: str | None, budget_bytes: int, settings: Settings | No
     (0 if not even 1 fits). Memory grows with the batch, so a binary search over [1, limit] finds it."""
     s = replace(settings or Settings(), **overrides)
     arch = inspect_model(config if config is not None else load_config(model), s.method, s.lora_r, s.lora_targets,
-                         s.lora_dropout)
+                         s.lora_dropout, s.use_dora)
 
     def fits(batch: int) -> bool:
         return plan(model, replace(s, batch_size=batch), arch=arch)["required_bytes"] <= budget_bytes
@@ -748,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora_r", type=int, default=d.lora_r)
     ap.add_argument("--lora_targets", default=d.lora_targets, help="comma-separated Linear names, or all-linear")
     ap.add_argument("--lora_dropout", type=float, default=d.lora_dropout)
+    ap.add_argument("--use_dora", action="store_true", help="DoRA: + one magnitude per output feature of each adapted Linear")
     ap.add_argument("--seq_len", type=int, default=d.seq_len, help="tokens per sequence (the recipes' max_length)")
     ap.add_argument("--batch_size", type=int, default=d.batch_size, help="per-device micro-batch")
     ap.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
@@ -786,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on import
     s = Settings(method=a.method, lora_r=a.lora_r, lora_targets=a.lora_targets, lora_dropout=a.lora_dropout,
-                 seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
+                 use_dora=a.use_dora, seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
                  optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, world_size=a.world_size, zero=a.zero,
                  device=a.device, double_quant=not a.no_double_quant, cpu_heap_retention=a.cpu_heap_retention,
                  gradient_check=not a.no_gradient_check, check_autocast=not a.check_outside_autocast,

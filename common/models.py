@@ -5,6 +5,8 @@
 - QLoRA: bitsandbytes NF4 with double quantization, compute dtype = the training precision; the
   whole quantized model goes to this process's device (`device_map={"": device}`), never "auto".
 - LoRA via peft's `get_peft_model`, then the input-grad fix (common.checks.enable_input_grads).
+- The LoRA variants peft already has, as LoraOptions: DoRA, rsLoRA, PiSSA/OLoRA/gaussian init, and the LoRA+
+  learning-rate ratio (built as the optimizer by common.trainer.TokenCountingTrainer).
 """
 from __future__ import annotations
 
@@ -128,21 +130,53 @@ class LoraOptions:
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Linear layer names, or all-linear"})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: a trainable magnitude per output feature on top of LoRA's direction (slower steps)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale = alpha / sqrt(r), so higher ranks still learn"})
+    lora_init: str = field(default="default", metadata={"help": "default | gaussian | pissa | pissa_niter_N | olora: how the adapter starts (pissa/olora move the principal part of each base weight into it)"})
+    loraplus_lr_ratio: float = field(default=0.0, metadata={"help": "LoRA+: lora_B learns at this multiple of --learning_rate (16 in the paper); 0 = off"})
 
     @property
     def lora_targets(self) -> list[str] | str:
         return "all-linear" if self.lora_target_modules == ["all-linear"] else self.lora_target_modules
 
-    def lora_config(self, task_type: str = "CAUSAL_LM"):
+    def check_lora_variants(self, quantized: bool = False) -> None:
+        """The variant options, each refusal with the option to change."""
+        init = self.lora_init
+        if not (init in LORA_INITS or (init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit())):
+            import difflib
+
+            close = difflib.get_close_matches(init, LORA_INITS, n=1)
+            raise CheckFailed(f"--lora_init {init!r}: choose {', '.join(LORA_INITS)} or pissa_niter_N (fast SVD)"
+                              + (f"; did you mean {close[0]}?" if close else ""))
+        if quantized and init.startswith(("pissa", "olora")):
+            raise CheckFailed(f"--lora_init {init} with --method qlora: it rewrites the base weights (base minus their "
+                              "principal part), which needs them in full precision; use --method lora, or --lora_init default")
+        if self.loraplus_lr_ratio < 0:
+            raise CheckFailed(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: lora_B's learning rate is this multiple of "
+                              "--learning_rate; use a value >= 1 (16 in the LoRA+ paper), or 0 for off")
+
+    def lora_config(self, task_type: str = "CAUSAL_LM", quantized: bool = False, loraplus_built: bool = False):
+        """`loraplus_built`: the caller's trainer builds the LoRA+ optimizer (TokenCountingTrainer); else it is refused."""
         from peft import LoraConfig
 
+        self.check_lora_variants(quantized)
+        if self.loraplus_lr_ratio and not loraplus_built:
+            raise CheckFailed(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: this recipe's trainer builds its own "
+                              "optimizer without LoRA+ groups; use 0 here (recipes/sft_memory_diet.py has LoRA+)")
+        init = {"default": True}.get(self.lora_init, self.lora_init)
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=self.lora_targets, bias="none", task_type=task_type)
+                          target_modules=self.lora_targets, bias="none", task_type=task_type,
+                          use_dora=self.use_dora, use_rslora=self.use_rslora, init_lora_weights=init)
 
 
-def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str] | str, quantized: bool,
-                gradient_checkpointing: bool):
-    """peft LoRA on `target_modules` ('all-linear' or names); returns the PeftModel, ready to train."""
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+
+
+def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout: float | None = None,
+                target_modules: list[str] | str | None = None, quantized: bool = False,
+                gradient_checkpointing: bool = False):
+    """peft LoRA on `target_modules` ('all-linear' or names); returns the PeftModel, ready to train.
+    `r` may be the recipe's LoraOptions (its Config): then every option, the variants included, comes from it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -152,11 +186,36 @@ def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: list[
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        bias="none", task_type="CAUSAL_LM")
+    if isinstance(r, LoraOptions):
+        config = r.lora_config(quantized=quantized, loraplus_built=True)
+    else:
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    if str(config.init_lora_weights).startswith(("pissa", "olora")):
+        keep_initial_adapter(model)
     enable_input_grads(model)
     return model
+
+
+def keep_initial_adapter(model) -> None:
+    """PiSSA/OLoRA moved each base weight's principal part into the adapter: save that starting adapter (in a
+    temporary folder) so save_adapter can write the trained one as the plain LoRA it amounts to."""
+    import tempfile
+
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # how peft marks a plain-LoRA starting point
+    model.initial_adapter_dir = tempfile.mkdtemp(prefix="lora_initial_")
+    model.save_pretrained(model.initial_adapter_dir)
+    config.init_lora_weights = init
+
+
+def save_adapter(model, path) -> None:
+    """model.save_pretrained(path), except that a PiSSA/OLoRA adapter is written as the plain LoRA (rank 2r) it
+    amounts to on the stock base (peft's documented conversion): loading repeats no SVD/QR of the base and it
+    combines with other LoRA adapters (PeftModel.from_pretrained, recipes/merge_export.py)."""
+    initial = getattr(model, "initial_adapter_dir", None)
+    model.save_pretrained(path, **({"path_initial_model_for_weight_conversion": initial} if initial else {}))
 
 
 def _time_casts(repeats: int = 10) -> None:

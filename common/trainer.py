@@ -36,11 +36,32 @@ class TokenCountingTrainer(Trainer):
       adapter's fp32 dtype and autocast casts it straight back to bf16 for the matmul: two full copies of the
       activations per adapted layer for nothing. Training steps run with peft's cast switched off
       (`peft.helpers.disable_input_dtype_casting`); evaluation and generation outside the Trainer keep it.
+
+    `loraplus_lr_ratio` > 0: the optimizer is --optim's class built by peft's create_loraplus_optimizer (lora_B and
+    1-D adapter parameters such as DoRA's magnitudes at ratio x lr, weight decay as --weight_decay); the Trainer
+    saves and resumes its state as any other optimizer's.
     """
 
     trained_tokens = trained_labelled_tokens = trained_positions = 0
     labelled_logits_only = True
     skip_adapter_input_cast = True
+    loraplus_lr_ratio = 0.0
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.loraplus_lr_ratio:
+            from peft.optimizers import create_loraplus_optimizer
+            from transformers.trainer_optimizer import is_optimizer_factory
+
+            model = self.model if model is None else model
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+                from common.checks import CheckFailed
+
+                raise CheckFailed(f"--loraplus_lr_ratio with --optim {self.args.optim}: LoRA+ needs an optimizer built "
+                                  "from parameter groups (adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, ...)")
+            self.optimizer = create_loraplus_optimizer(model, optimizer_cls, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                       loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return super().create_optimizer(model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         positions = inputs["input_ids"].numel()

@@ -1,4 +1,4 @@
-"""Full fine-tuning vs LoRA vs a bottleneck adapter vs QLoRA: same model, data, steps and batch.
+"""Full fine-tuning vs LoRA (and its peft variants) vs a bottleneck adapter vs QLoRA: same model, data, steps and batch.
 
 What it is for: seed 001's comparison (full fine-tuning against adapters, ~355M vs ~6M trainable
 parameters) on your model and data, with LoRA and QLoRA beside them. Each method trains in its own
@@ -9,6 +9,10 @@ planner's prediction where it models the method), train loss and held-out loss b
 Methods (`--methods`):
   full     every parameter trains (AdamW states for all of them)
   lora     peft LoRA on --lora_target_modules, rank --lora_r
+  dora     LoRA + DoRA's trainable magnitude per output feature (use_dora)
+  rslora   LoRA scaled alpha / sqrt(r) instead of alpha / r (use_rslora)
+  pissa    LoRA initialised from each weight's principal singular part, the base keeps the rest (lora_init pissa)
+  loraplus LoRA with lora_B at --loraplus_lr_ratio x the learning rate (LoRA+)
   adapter  serial bottleneck adapters after attention and after the MLP (Houlsby; harnesses/adapters.py),
            width --adapter_size, up-projection zero-initialized so training starts from the base model
   qlora    LoRA on a 4-bit NF4 base (bitsandbytes). On CPU no eval-mode forward runs before training
@@ -42,14 +46,18 @@ from common.config import parse_config  # noqa: E402
 RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
 log = logging.getLogger(RECIPE)
 
-WHAT = {"full": "full fine-tuning", "lora": "LoRA (peft)", "adapter": "bottleneck adapters (Houlsby)",
+WHAT = {"full": "full fine-tuning", "lora": "LoRA (peft)", "dora": "DoRA (LoRA + magnitudes)",
+        "rslora": "rsLoRA (alpha / sqrt(r))", "pissa": "PiSSA init (principal singular part)",
+        "loraplus": "LoRA+ (lora_B at a higher lr)", "adapter": "bottleneck adapters (Houlsby)",
         "qlora": "QLoRA (LoRA on a 4-bit NF4 base)"}
+LORA_VARIANTS = {"dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"lora_init": "pissa"},
+                 "loraplus": {}}  # loraplus: the ratio comes from --loraplus_lr_ratio
 
 
 @dataclass
 class Config(compare.CompareConfig):
     output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "table, loss.png, metrics.json, manifest.json, runs/<method>/"})
-    methods: list[str] = field(default_factory=lambda: ["full", "lora", "adapter", "qlora"], metadata={"help": "which methods to compare, in table order: full lora adapter qlora"})
+    methods: list[str] = field(default_factory=lambda: ["full", "lora", "dora", "rslora", "pissa", "loraplus", "adapter", "qlora"], metadata={"help": "which methods to compare, in table order: full lora dora rslora pissa loraplus adapter qlora"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (every method)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 for every method (the model is loaded in it; QLoRA: compute dtype)"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer for every method (TrainingArguments.optim)"})
@@ -57,18 +65,21 @@ class Config(compare.CompareConfig):
     full_learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate, full fine-tuning"})
     lora_learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate, LoRA and QLoRA"})
     adapter_learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate, bottleneck adapters"})
+    loraplus_lr_ratio: float = field(default=16.0, metadata={"help": "loraplus row: lora_B's learning rate over lora_learning_rate"})
     eval_before: bool = field(default=True, metadata={"help": "held-out loss before training too (not for QLoRA on CPU)"})
 
 
 def specs(cfg: Config) -> list[RunSpec]:
     rates = {"full": cfg.full_learning_rate, "lora": cfg.lora_learning_rate, "qlora": cfg.lora_learning_rate,
-             "adapter": cfg.adapter_learning_rate}
+             "adapter": cfg.adapter_learning_rate, **{v: cfg.lora_learning_rate for v in LORA_VARIANTS}}
     unknown = [m for m in cfg.methods if m not in rates]
     if unknown or not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
         raise checks.CheckFailed(f"--methods {' '.join(cfg.methods)}: list each of {', '.join(rates)} at most once")
-    return [RunSpec(name=m, adds=WHAT[m], method=m, precision=cfg.precision, batch=cfg.per_device_train_batch_size,
-                    accumulation=cfg.gradient_accumulation_steps, gradient_checkpointing=cfg.gradient_checkpointing,
-                    optim=cfg.optim, learning_rate=rates[m]) for m in cfg.methods]
+    variant = {**LORA_VARIANTS, "loraplus": {"loraplus_lr_ratio": cfg.loraplus_lr_ratio}}
+    return [RunSpec(name=m, adds=WHAT[m], method="lora" if m in LORA_VARIANTS else m, precision=cfg.precision,
+                    batch=cfg.per_device_train_batch_size, accumulation=cfg.gradient_accumulation_steps,
+                    gradient_checkpointing=cfg.gradient_checkpointing, optim=cfg.optim, learning_rate=rates[m],
+                    lora_variant=variant.get(m, {})) for m in cfg.methods]
 
 
 def table(rows: list[dict]) -> str:

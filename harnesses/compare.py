@@ -87,6 +87,8 @@ class RunSpec:
     zero_stage: int = 0                  # DeepSpeed ZeRO stage through the Trainer; 0 = none
     offload: str = "none"                # none | optimizer | optimizer+params (ZeRO-3)
     skip_on_cpu: str = ""                # reason to skip this row when there is no GPU
+    lora_variant: dict = field(default_factory=dict)  # lora/qlora: LoraOptions variant fields (use_dora, use_rslora,
+    #                                      lora_init, loraplus_lr_ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +134,8 @@ def planner_prediction(model_path: str, cfg: CompareConfig, spec: RunSpec, seq_l
     if spec.optim not in memory.OPTIMIZERS:
         return {"bytes": None, "note": f"n/a: optimizer {spec.optim} is not modelled"}
     s = memory.Settings(method=spec.method, lora_r=cfg.lora_r, lora_targets=",".join(cfg.lora_target_modules),
-                        lora_dropout=cfg.lora_dropout, seq_len=seq_len, batch_size=spec.batch,
+                        lora_dropout=cfg.lora_dropout, use_dora=spec.lora_variant.get("use_dora", False),
+                        seq_len=seq_len, batch_size=spec.batch,
                         gradient_accumulation_steps=spec.accumulation, optim=spec.optim, dtype=spec.precision,
                         grad_ckpt=spec.gradient_checkpointing, zero=spec.zero_stage, device=device,
                         check_autocast=False)  # train_one's gradient check runs outside autocast
@@ -167,15 +170,17 @@ class _TrainTimer:
 def build_model(spec: RunSpec, cfg: CompareConfig, model_path: str, device: torch.device, precision: str):
     """The base model with `spec.method` attached, ready to train. Returns (model, extra metrics)."""
     from harnesses.adapters import attach_bottleneck_adapters
-    from common.models import attach_lora, load_base_model, pick_attn_implementation
+    from common.models import LoraOptions, attach_lora, load_base_model, pick_attn_implementation
 
     model = load_base_model(model_path, device, precision, spec.method == "qlora",
                             pick_attn_implementation("auto", device))
     extra = {}
     if spec.method in ("lora", "qlora"):
-        targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
-        model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets,
-                            quantized=spec.method == "qlora", gradient_checkpointing=spec.gradient_checkpointing)
+        options = LoraOptions(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              lora_target_modules=cfg.lora_target_modules, **spec.lora_variant)
+        targets = options.lora_targets
+        model = attach_lora(model, options, quantized=spec.method == "qlora",
+                            gradient_checkpointing=spec.gradient_checkpointing)
         extra["lora_modules"] = checks.check_lora_targets(model, targets)
     elif spec.method == "adapter":
         extra["adapters"] = attach_bottleneck_adapters(model, cfg.adapter_size)
@@ -264,6 +269,7 @@ def train_one(cfg: CompareConfig, spec: RunSpec, run_dir: Path, eval_before: boo
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=features,
                                    eval_dataset=eval_features or None, data_collator=collator,
                                    processing_class=tokenizer, callbacks=[timer.callback])
+    trainer.loraplus_lr_ratio = spec.lora_variant.get("loraplus_lr_ratio", 0.0)  # > 0: LoRA+ optimizer groups
     # before training: not under ZeRO (no engine yet) and not through 4-bit weights on CPU (repacking)
     loss_before = trainer.evaluate()["eval_loss"] if eval_before and eval_features and not guard \
         and not spec.zero_stage else None

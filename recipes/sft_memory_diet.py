@@ -34,7 +34,7 @@ from common.assets import resolve_model_path  # noqa: E402
 from common.collator import tokenize_sft  # noqa: E402
 from common.data import check_control_tokens, load_sft_data, sft_items  # noqa: E402
 from common.fast_path import BATCH_OPTIONS, choose_fast_path  # noqa: E402
-from common.models import LoraOptions, attach_lora, load_base_model  # noqa: E402
+from common.models import LoraOptions, attach_lora, load_base_model, save_adapter  # noqa: E402
 from common.probes import KeywordProbe  # noqa: E402
 from common.run import Run, RunOptions, run_recipe  # noqa: E402
 from common.run_files import write_json  # noqa: E402
@@ -68,6 +68,7 @@ def validate(cfg: Config, args: TrainingArguments, device: torch.device) -> None
     """Everything that needs no model, each with the option to change."""
     if cfg.method not in ("lora", "qlora"):
         raise checks.CheckFailed(f"--method {cfg.method!r}: choose lora or qlora")
+    cfg.check_lora_variants(quantized=cfg.method == "qlora")  # DoRA, rsLoRA, PiSSA/OLoRA init, LoRA+
     checks.check_world_size(1)  # single-device recipe; launch/multigpu_qlora.sh is the multi-GPU one
     if cfg.method == "qlora" and device.type == "cpu" and args.eval_strategy != "no":
         raise checks.CheckFailed("--eval_steps > 0 with QLoRA on CPU: an eval-mode forward repacks bitsandbytes 4-bit "
@@ -113,8 +114,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     # ---- model: base (bf16/fp32 or 4-bit) + LoRA + input-grad fix ----------------------------------
     run.measure_memory()
     model = load_base_model(model_path, device, precision, cfg.method == "qlora", fast.attn)
-    model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                        quantized=cfg.method == "qlora", gradient_checkpointing=fast.gradient_checkpointing)
+    model = attach_lora(model, cfg, quantized=cfg.method == "qlora", gradient_checkpointing=fast.gradient_checkpointing)
     lora_modules = checks.check_lora_targets(model, cfg.lora_targets)
     trainable, total = checks.log_parameter_counts(model)
     checks.check_model_device(model, device)
@@ -138,6 +138,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     run.bind(trainer)
     report_to_sweep_trial(trainer)  # a trial of harnesses/sweep.py: eval_loss to its Optuna trial, stop if pruned
     trainer.labelled_logits_only = cfg.labelled_logits_only
+    trainer.loraplus_lr_ratio = cfg.loraplus_lr_ratio  # > 0: LoRA+ optimizer (lora_B at ratio x lr) of --optim's class
     if cfg.profile_steps > 0:
         trainer.add_callback(StepProfiler(cfg.profile_steps, run.output_dir / "profile.txt"))
     run.log.info("effective batch = %d per device x %d accumulation = %d sequences per optimizer step; batching: %s",
@@ -175,7 +176,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
 
     # ---- after: evaluate, generate, save -------------------------------------------------------------
     after = scores()
-    model.save_pretrained(run.output_dir / "adapter")
+    save_adapter(model, run.output_dir / "adapter")  # PiSSA/OLoRA: as the plain LoRA that works on the stock base
     tokenizer.save_pretrained(run.output_dir / "adapter")
     probe.report(before, after, cfg.sample_generations, run.output_dir / "generations.json")
 

@@ -22,6 +22,15 @@ def lora_params(r):
     return LAYERS * sum(r * (i + o) for i, o in shapes)
 
 
+def dora_magnitudes():
+    """DoRA: one magnitude per output feature of every adapted Linear."""
+    return LAYERS * (D + KV + KV + D + I + I + D)
+
+
+METHODS = ["full", "lora", "dora", "rslora", "pissa", "loraplus", "adapter", "qlora"]
+LORA_ROWS = ("lora", "dora", "rslora", "pissa", "loraplus")
+
+
 def adapter_params(size):
     """Two serial adapters per layer: down (d x b + b) and up (b x d + d)."""
     return LAYERS * 2 * (D * size + size + size * D + D)
@@ -63,7 +72,7 @@ def test_bottleneck_adapter_starts_as_the_base_model_and_trains_only_itself(tiny
     assert all(p.abs().sum() > 0 for n, p in trainable.items() if "adapter_up" in n)
 
 
-# --- the recipe: four methods, each in its own process --------------------------------------------
+# --- the recipe: eight methods, each in its own process --------------------------------------------
 @pytest.fixture(scope="module")
 def compared(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("avf") / "run"
@@ -81,10 +90,14 @@ def rows(out):
 def test_every_method_ran_on_the_same_batches_with_exact_parameter_counts(compared):
     out, _ = compared
     r = rows(out)
-    assert list(r) == ["full", "lora", "adapter", "qlora"] and all(x["status"] == "ok" for x in r.values())
+    assert list(r) == METHODS and all(x["status"] == "ok" for x in r.values())
     assert r["full"]["trainable_params"] == r["full"]["total_params"] == TOTAL == 139_584
     assert r["lora"]["trainable_params"] == r["qlora"]["trainable_params"] == lora_params(8) == 16_384
     assert r["lora"]["lora_modules"] == r["qlora"]["lora_modules"] == 7 * LAYERS
+    for name in ("rslora", "pissa", "loraplus"):  # same parameters as LoRA: scale, init and learning rates differ
+        assert r[name]["trainable_params"] == lora_params(8) and r[name]["lora_modules"] == 7 * LAYERS, name
+    assert r["dora"]["trainable_params"] == lora_params(8) + dora_magnitudes() == 17_408
+    assert r["dora"]["total_params"] == TOTAL + lora_params(8) + dora_magnitudes()
     assert r["adapter"]["trainable_params"] == adapter_params(16) and r["adapter"]["adapters"] == 2 * LAYERS
     assert r["adapter"]["total_params"] == TOTAL + adapter_params(16)
     assert r["qlora"]["total_params"] == r["lora"]["total_params"] == TOTAL + lora_params(8)  # 4-bit counted as weights
@@ -98,7 +111,7 @@ def test_frozen_weights_stay_frozen_and_the_trained_ones_move(compared):
     r = rows(compared[0])
     full = r["full"]["parameters_changed"]
     assert full["frozen_tensors"] == 0 and full["trainable_changed"] == full["trainable_tensors"] > 0
-    for name in ("lora", "adapter", "qlora"):
+    for name in (*LORA_ROWS, "adapter", "qlora"):
         c = r[name]["parameters_changed"]
         assert c["frozen_tensors"] > 0 and c["frozen_changed"] == 0, name
         assert c["trainable_changed"] == c["trainable_tensors"] > 0, name
@@ -106,9 +119,11 @@ def test_frozen_weights_stay_frozen_and_the_trained_ones_move(compared):
 
 def test_eval_loss_falls_and_qlora_is_evaluated_only_after_training(compared):
     r = rows(compared[0])
-    for name in ("full", "lora", "adapter"):
+    for name in ("full", *LORA_ROWS, "adapter"):
         assert r[name]["eval_loss_after"] < r[name]["eval_loss_before"] - 0.005, name
     assert len({r[n]["eval_loss_before"] for n in ("full", "lora", "adapter")}) == 1  # all start from the base
+    for name in ("dora", "rslora", "pissa", "loraplus"):  # PiSSA: base minus its principal part, plus that part
+        assert r[name]["eval_loss_before"] == pytest.approx(r["lora"]["eval_loss_before"], abs=1e-4), name
     assert r["qlora"]["eval_loss_before"] is None and math.isfinite(r["qlora"]["eval_loss_after"])
 
 
@@ -116,16 +131,16 @@ def test_table_planner_column_and_run_files(compared):
     out, proc = compared
     r = rows(out)
     assert r["adapter"]["planner"]["bytes"] is None and "not modelled" in r["adapter"]["planner"]["note"]
-    for name in ("full", "lora", "qlora"):
+    for name in ("full", *LORA_ROWS, "qlora"):
         assert r[name]["planner"]["bytes"] > 0
     md = (out / "adapter_vs_full.md").read_text()
-    assert sum(line.startswith("| ") for line in md.splitlines()) == 5  # header + 4 rows
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 9  # header + 8 rows
     assert "| adapter: bottleneck adapters (Houlsby) | 8,512 |" in md
     assert "| n/a |" in md and md.splitlines()[-1] in proc.stdout
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["failed"] == [] and set(m["per_method"]) == {"full", "lora", "adapter", "qlora"}
+    assert m["failed"] == [] and set(m["per_method"]) == set(METHODS)
     for name in r:
         assert (out / "runs" / name / "log.txt").is_file()
 
@@ -143,7 +158,8 @@ def test_a_rerun_reuses_finished_methods(compared, tiny_dir):
 
 def test_unknown_method_is_refused(tiny_dir, tmp_path):
     proc = run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path / "x"),
-                           "--methods", "full", "dora"])
+                           "--methods", "full", "ia3"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "--methods full dora: list each of full, lora, qlora, adapter at most once" in proc.stderr
+    assert ("--methods full ia3: list each of full, lora, qlora, adapter, dora, rslora, pissa, loraplus at most once"
+            in proc.stderr)
     assert not (tmp_path / "x").exists()
