@@ -126,7 +126,7 @@ LAUNCHER = ["bash", str(REPO / "launch" / "memory_diet.sh")]
 
 def train(tiny_dir, out, *extra):
     return run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--precision", "fp32",
-                           "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--learning_rate", "3e-3",
+                           "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "3e-3",
                            "--sample_generations", "0", "--max_new_tokens", "4", *extra])
 
 
@@ -142,19 +142,19 @@ def test_recipe_trains_with_dora_and_loraplus_resumes_and_merges(tiny_dir, tmp_p
     proc = train(tiny_dir, out, "--use_dora", "true", "--loraplus_lr_ratio", "4")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
-    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
-    assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0]
-    # the LoRA+ optimizer's state saves and loads: a run resumed from checkpoint-3 ends where this one did
+    assert len(losses) == 4 and sum(losses[-2:]) / 2 < losses[0]
+    # the LoRA+ optimizer's state saves and loads: a run resumed from checkpoint-2 ends where this one did
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("metrics.json", "adapter", "runs"))
-    (resumed / "checkpoint-6" / "checkpoint_ok.json").unlink()
+    (resumed / "checkpoint-4" / "checkpoint_ok.json").unlink()
     manifest = json.loads((resumed / "manifest.json").read_text())
     manifest["config"]["output_dir"] = str(resumed)
     (resumed / "manifest.json").write_text(json.dumps(manifest))
     proc = train(tiny_dir, resumed, "--use_dora", "true", "--loraplus_lr_ratio", "4")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"resuming from {resumed / 'checkpoint-3'}" in proc.stderr
+    assert f"resuming from {resumed / 'checkpoint-2'}" in proc.stderr
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, resumed))
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], abs=1e-5)
     # merge_export's logit comparison (merged vs adapter model) holds for DoRA
@@ -171,7 +171,7 @@ def test_recipe_pissa_adapter_reproduces_the_run_on_the_stock_base(tiny_dir, tmp
     from common.evaluation import heldout_loss
 
     out = tmp_path / "pissa"
-    proc = train(tiny_dir, out, "--lora_init", "pissa_niter_4", "--save_steps", "6")
+    proc = train(tiny_dir, out, "--lora_init", "pissa_niter_4", "--save_steps", "4")
     assert proc.returncode == 0, proc.stderr[-4000:]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out / "adapter").eval()
     tok = AutoTokenizer.from_pretrained(out / "adapter")
@@ -184,10 +184,16 @@ def test_recipe_pissa_adapter_reproduces_the_run_on_the_stock_base(tiny_dir, tmp
 
 
 def test_recipe_refuses_bad_values_before_anything_is_written(tiny_dir, tmp_path):
+    from common.config import load_recipe, parse_config
+
+    recipe = load_recipe(REPO / "recipes" / "sft_memory_diet.py")
     for flags, message in ((["--lora_init", "pisa"], "did you mean pissa"),
                            (["--method", "qlora", "--lora_init", "olora"], "--method lora, or --lora_init default"),
                            (["--loraplus_lr_ratio", "-2"], "--loraplus_lr_ratio -2.0")):
-        proc = train(tiny_dir, tmp_path / "bad", *flags)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert message in proc.stderr
-        assert not (tmp_path / "bad").exists()
+        cfg, args = parse_config(recipe.CONFIGS, ["--output_dir", str(tmp_path / "x"), *flags])
+        with pytest.raises(CheckFailed, match=message):
+            recipe.validate(cfg, args, torch.device("cpu"))
+    proc = train(tiny_dir, tmp_path / "bad", "--lora_init", "pisa")  # the launcher: exit 1, one line, nothing written
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--lora_init 'pisa'" in proc.stderr and "did you mean pissa" in proc.stderr
+    assert not (tmp_path / "bad").exists()
