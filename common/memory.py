@@ -288,7 +288,7 @@ def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "al
         if method in ("lora", "qlora"):
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
+            lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, use_dora=use_dora,
                               target_modules=_targets(lora_targets), bias="none", task_type="CAUSAL_LM")
             try:
                 model = get_peft_model(model, lora)
@@ -302,11 +302,6 @@ def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "al
     if method in ("lora", "qlora"):
         wrapped = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0]
         arch.lora_modules = len(wrapped)
-        if use_dora:  # counted, not built: DoRA's weight norms need real weights, the meta model has none
-            magnitudes = [(m.out_features,) for _, m in wrapped]
-            arch.trainable_tensors += magnitudes
-            arch.trainable_params += sum(n for n, in magnitudes)
-            arch.total_params += sum(n for n, in magnitudes)
         arch.lora_params = arch.trainable_params
         first_layer = _layer_prefix(wrapped[0][0]) if wrapped else None
         arch.lora_inputs = [(name.rsplit(".", 1)[-1], m.in_features) for name, m in wrapped
