@@ -72,6 +72,11 @@ def validate(cfg: Config, args: TrainingArguments, rank: ddp.Rank) -> None:
     if args.deepspeed or args.fsdp:
         raise checks.CheckFailed("--deepspeed / --fsdp: this recipe sets them from --sharding (zero2, zero3 or fsdp, "
                                  "with the configs in launch/configs); pass --sharding instead")
+    cfg.check_lora_variants(quantized=cfg.method == "qlora")
+    if cfg.lora_init not in ("default", "gaussian") or cfg.loraplus_lr_ratio:
+        raise checks.CheckFailed(f"--lora_init {cfg.lora_init} / --loraplus_lr_ratio {cfg.loraplus_lr_ratio}: PiSSA/"
+                                 "OLoRA init and LoRA+ run in recipes/sft_memory_diet.py only; here use --lora_init "
+                                 "default and --loraplus_lr_ratio 0 (DoRA and rsLoRA work)")
     on_cpu = rank.device.type == "cpu"
     if cfg.sharding == "fsdp" and on_cpu:
         raise checks.CheckFailed("--sharding fsdp on CPU: the Trainer silently falls back to plain DDP there. Use "
@@ -125,8 +130,7 @@ def main(cfg: Config, args: TrainingArguments) -> dict:
     model = load_base_model(model_path, rank.device, precision, cfg.method == "qlora",
                             pick_attn_implementation(cfg.attn_implementation, rank.device), quant_storage=quant_storage)
     ddp.check_rank_placement(model, rank.device)
-    model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                        quantized=cfg.method == "qlora", gradient_checkpointing=cfg.gradient_checkpointing)
+    model = attach_lora(model, cfg, quantized=cfg.method == "qlora", gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.sharding in ("fsdp", "zero3"):
         # one dtype per sharded unit: LoRA (fp32 by default) and upcast norms go to the compute dtype
         ddp.cast_for_sharding(model, DTYPES[precision])
