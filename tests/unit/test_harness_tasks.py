@@ -56,6 +56,7 @@ def test_metric_names_are_the_recipes_and_every_metric_is_declared():
             doc = records_of(cfg)[0][0].data
             assert set(utils.keyword_results(doc, ["x"])) == declared == {"keyword_accuracy", "exact_match"}
             assert cfg["generation_kwargs"]["do_sample"] is False
+            assert cfg["generation_kwargs"]["until"] == []  # else lm-eval also cuts at "\n\n": not the recipe's replies
         else:
             assert cfg["output_type"] == "multiple_choice" and declared == {"acc", "acc_norm"}
     assert harness_eval.RENAMED == {"acc": "accuracy"}  # lands in the recipe's accuracy row
