@@ -90,6 +90,7 @@ def test_rerun_skips_finished_trials(grid, tiny_dir):
     assert all(r["reused"] for r in board(out))
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: the default suite stays under 15 minutes
 def test_failed_trial_is_recorded_and_the_others_finish(grid, tiny_dir):
     """A new space sharing one trial with the grid: that one is reused, the bad value fails with its
     exit code and error line, the sweep still exits 0 and ranks the finished trial first."""
@@ -134,6 +135,7 @@ def test_random_search_is_reproducible_and_respects_bounds():
     assert len(sweep.random_trials({"lora_r": [4, 8, 16]}, 10, seed=0)) == 3
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: the default suite stays under 15 minutes
 def test_random_search_from_the_command_line_is_reproducible(tmp_path):
     cmd = LAUNCHER + ["--output_dir", str(tmp_path / "r"), "--search", "random", "--num_trials", "4", "--seed", "11",
                       "--dry_run", "true", "--space", "learning_rate={low: 1e-5, high: 1e-3, log: true}",

@@ -135,6 +135,7 @@ def test_interrupted_run_resumes_from_last_valid_checkpoint(lora_run, tiny_dir, 
     assert b["eval_loss_after"] == pytest.approx(a["eval_loss_after"], abs=1e-5)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: the default suite stays under 15 minutes
 def test_qlora_on_cpu_trains_and_skips_eval_before_training(lora_run, tiny_dir, tmp_path):
     proc = train(tiny_dir, tmp_path / "q", "--method", "qlora", "--max_steps", "4", "--optim", "paged_adamw_8bit")
     assert proc.returncode == 0, proc.stderr[-4000:]

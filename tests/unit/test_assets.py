@@ -61,6 +61,7 @@ def test_cli_builds_tiny(tmp_path):
     assert json.loads((tmp_path / "t" / "asset.json").read_text())["name"] == "tiny"
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: the default suite stays under 15 minutes
 def test_smollm2_is_a_faithful_plain_hf_copy(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
