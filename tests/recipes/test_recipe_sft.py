@@ -172,7 +172,7 @@ def test_launcher_help_and_world_size_guard(tmp_path):
     assert proc.returncode == 2 and "single-device" in proc.stderr
 
 
-@pytest.mark.slow  # ~20 s; SaveOnSignal's exit 75 + resume stays in the default run via test_multigpu and test_sweep
+@pytest.mark.slow  # ~20 s; SaveOnSignal's exit 75 + resume stays in the default run via test_multigpu (the sweep's SIGTERM test is -m slow)
 def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_finishes(tiny_dir, tmp_path):
     """Preemption: SIGTERM mid-run -> checkpoint after the current step, exit 75; the same command resumes."""
     import os
