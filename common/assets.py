@@ -149,7 +149,9 @@ def build_smollm2(output_dir: Path) -> None:
     tokenizer.save_pretrained(output_dir)
 
 
-BUILDERS = {"tiny": build_tiny, "smollm2": build_smollm2}
+from common.vlm import build_smollm2_vlm, build_tiny_vlm  # noqa: E402  (LLaVA folders on these two)
+
+BUILDERS = {"tiny": build_tiny, "smollm2": build_smollm2, "tiny_vlm": build_tiny_vlm, "smollm2_vlm": build_smollm2_vlm}
 
 
 def is_built(output_dir: Path, name: str) -> bool:

@@ -29,6 +29,7 @@ as real turn boundaries). Without a tokenizer the control tokens checked are CON
 recipes check against their tokenizer's own special tokens instead (check_control_tokens).
 
     python -m common.data validate data/persona/train.jsonl
+    python -m common.data validate images.jsonl       # image chats ({"messages", "images"}: common/vlm.py)
     python -m common.data convert data/samples/sharegpt.json /tmp/chat.jsonl --to chat
 
 Recipes load SFT data with `load_sft_data` (each file's format detected on its own; `--eval_split`
@@ -926,11 +927,19 @@ def main(argv=None):
     convert.add_argument("input")
     convert.add_argument("output", help="new .jsonl file (never overwritten)")
     convert.add_argument("--to", choices=["chat"], default=None, help="turn SFT records into chat messages")
-    for command in (validate, convert):
-        command.add_argument("--format", choices=("auto",) + FORMATS, default="auto")
+    validate.add_argument("--format", choices=("auto",) + FORMATS + ("image_chat",), default="auto")
+    convert.add_argument("--format", choices=("auto",) + FORMATS, default="auto")
     args = parser.parse_args(argv)
     try:
-        if args.command == "validate":
+        if args.command == "validate" and (args.format == "image_chat" or (
+                args.format == "auto" and any("images" in r.data for r in load_records(args.path)[:1]))):
+            from common.vlm import image_chat_summary  # {"messages", "images"} records: every image opened too
+
+            try:
+                summary = image_chat_summary(args.path)
+            except ValueError as e:  # common.data's DataError, a different class from this __main__ module's
+                raise DataError(e.path, e.line, e.message) if hasattr(e, "message") else e from None
+        elif args.command == "validate":
             summary = validate_records(load_records(args.path), args.format)
         else:
             summary = _convert(args)
