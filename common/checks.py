@@ -69,9 +69,15 @@ def linear_module_names(model) -> dict[str, int]:
     return names
 
 
-def check_lora_targets(model, target_modules: list[str] | str) -> int:
-    """Every requested target got adapters, on every layer that has it; returns the module count."""
+def check_lora_targets(model, target_modules: list[str] | str, train_router: bool = False) -> int:
+    """Every requested target got adapters, on every layer that has it; returns the module count.
+    MoE models (common/moe.py): the experts and the router got LoRA exactly as asked, or it stops with the fix."""
+    from common import moe
+
     lora_layers = [name for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0]
+    layout = moe.moe_layout(model)
+    if layout is not None:
+        moe.check_expert_targets(model, target_modules, train_router)
     if not lora_layers:
         raise CheckFailed("no LoRA layer was attached; check --lora_target_modules against the model's Linear "
                           f"layers: {sorted(linear_module_names(model))}")
@@ -80,7 +86,10 @@ def check_lora_targets(model, target_modules: list[str] | str) -> int:
     for name in lora_layers:
         leaf = name.rsplit(".", 1)[-1]
         got[leaf] = got.get(leaf, 0) + 1
-    if target_modules == "all-linear":
+    if layout is not None:  # the experts and the router were checked above; the Linear layers are checked here
+        resolved = moe.resolve_lora_targets(model, target_modules, train_router)["target_modules"]
+        wanted = {t: base_linears.get(t, 0) + got.get(t, 0) for t in resolved}
+    elif target_modules == "all-linear":
         wanted = {k: v for k, v in base_linears.items() if k != "lm_head"}
     else:
         wanted = {t: base_linears.get(t, 0) + got.get(t, 0) for t in target_modules}
@@ -127,10 +136,13 @@ def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:
     non-zero gradient, and no frozen one gets any. Leaves no gradient behind. Returns the number
     of trainable tensors that received a gradient.
     """
+    from common.moe import RouterRecorder, experts_without_gradient
+
     was_training = model.training
     model.train()
     device = next(p for p in model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    router = RouterRecorder(model)  # MoE: which experts the router sent this batch's tokens to
     try:
         loss = model(**batch).loss
         if not loss.requires_grad or loss.grad_fn is None:
@@ -159,6 +171,8 @@ def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:
                 zero.append(name)
             else:
                 ok += 1
+        # top-k routing: an expert with no token in this batch gets no gradient; every expert that got one must
+        starved = experts_without_gradient(model, router) if router.hits else []
         problems = []
         if no_grad:
             problems.append(f"{len(no_grad)} trainable tensors got no gradient (e.g. {no_grad[:3]}): they are "
@@ -170,11 +184,19 @@ def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:
             problems.append(f"{len(zero)} got all-zero gradients (e.g. {zero[:3]}): the graph is cut above them")
         if frozen_with_grad:
             problems.append(f"{len(frozen_with_grad)} frozen tensors got gradients (e.g. {frozen_with_grad[:3]})")
+        if starved:
+            problems.append(f"{len(starved)} experts the router sent tokens to got no LoRA gradient (e.g. {starved[:3]}): "
+                            "their adapters are not on the path from input to loss")
         if problems:
             raise CheckFailed("gradient-flow check failed: " + "; ".join(problems))
+        if router.hits:
+            routed = {b: int((h > 0).sum()) for b, h in router.hits.items()}
+            log.info("MoE: experts that got tokens in this batch (per layer, of %d): %s; each one's LoRA got a gradient",
+                     router.layout.num_experts, routed)
         log.info("gradient flow OK: loss %.4f, %d trainable tensors got finite gradients", loss.item(), ok)
         return ok
     finally:
+        router.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
 

@@ -34,6 +34,14 @@ no downloads) and LoRA is attached with peft, so the numbers are what `from_pret
   attention, SwiGLU MLP), from the tensors the real code saves (`layer_activation_bytes`; a test
   compares it with a saved-tensor count); gradient checkpointing keeps each layer's input and
   recomputes one layer in backward. Eager attention (batch x heads x seq^2 probabilities) is not modelled.
+- Mixture-of-Experts (Mixtral, Qwen2-MoE, OLMoE; common/moe.py): `moe` in the output has the routed experts,
+  router and shared-expert parameters, `active_params_per_token` (every parameter but the routed experts a
+  token skips: total - (E - k) / E x routed experts), the expert and router LoRA parameters, and
+  `moe_activation_bytes`: per MoE layer the router's fp32 probabilities and top-k picks per token, per routed
+  slot (tokens x top-k) the expert's gate/up/act outputs, its output and the permutation indices; with LoRA
+  on the experts also each slot's input and act output, and once per layer peft's materialized
+  W + scale * B @ A of every expert (ParamWrapper folds the factors into the weight for the grouped matmul).
+  `--lora_targets` takes `experts`; the router gets LoRA only with --lora_train_router.
 - logits: the loss upcasts logits to fp32; backward starts with 12 bytes per logit alive
   (log-softmax output, its gradient and the gradient of the logits; batch x seq x vocab).
 - overhead: CUDA: the CUDA context (not in torch.cuda.max_memory_allocated) and allocator slack; CPU:
@@ -161,6 +169,7 @@ class Settings:
     lora_targets: str = _recipe("lora_targets")   # comma-separated Linear names, or all-linear
     lora_dropout: float = _recipe("lora_dropout")
     use_dora: bool = False                # DoRA: one trainable magnitude per output feature of each wrapped Linear
+    lora_train_router: bool = False       # MoE: LoRA on the router too (lora_targets may name `experts`)
     seq_len: int = 512
     batch_size: int = 1                   # per-device micro-batch
     gradient_accumulation_steps: int = 1
@@ -248,6 +257,8 @@ class Architecture:
     quantizable: list = field(default_factory=list)      # numel of every Linear bnb would quantize
     trainable_tensors: list = field(default_factory=list)  # shapes of trainable parameters
     largest_layer_params: int = 0
+    moe: dict | None = None                              # MoE models: see inspect_moe
+    qk_norm_dims: int = 0                                # OLMoE: RMSNorm over the whole q and k projections
 
     @property
     def q_dim(self) -> int:
@@ -263,7 +274,7 @@ def _targets(spec: str):
 
 
 def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "all-linear",
-                  lora_dropout: float = 0.0, use_dora: bool = False) -> Architecture:
+                  lora_dropout: float = 0.0, use_dora: bool = False, train_router: bool = False) -> Architecture:
     """Instantiate the model on the meta device (no memory, no weights), attach LoRA with peft, count."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -285,14 +296,25 @@ def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "al
                             if isinstance(m, torch.nn.Linear) and id(m) not in skip]
         layer_params = [sum(p.numel() for p in layer.parameters()) for layer in _decoder_layers(model)]
         arch.largest_layer_params = max(layer_params) if layer_params else 0
+        arch.moe = inspect_moe(model, text)
+        layers = _decoder_layers(model)
+        attn = getattr(layers[0], "self_attn", None) if layers else None
+        norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+        if all(n is not None and hasattr(n, "weight") for n in norms) and \
+                norms[0].weight.numel() == arch.q_dim and norms[1].weight.numel() == arch.kv_dim:
+            arch.qk_norm_dims = arch.q_dim + arch.kv_dim
         if method in ("lora", "qlora"):
             from peft import LoraConfig, get_peft_model
+
+            from common.checks import CheckFailed
+            from common.moe import apply_lora_targets
 
             lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, use_dora=use_dora,
                               target_modules=_targets(lora_targets), bias="none", task_type="CAUSAL_LM")
             try:
+                apply_lora_targets(lora, model, _targets(lora_targets), train_router)
                 model = get_peft_model(model, lora)
-            except ValueError as e:
+            except (ValueError, CheckFailed) as e:
                 raise PlanError(f"--lora_targets {lora_targets}: {e}") from None
     for p in model.parameters():
         arch.total_params += p.numel()
@@ -304,9 +326,43 @@ def inspect_model(config, method: str, lora_r: int = 16, lora_targets: str = "al
         arch.lora_modules = len(wrapped)
         arch.lora_params = arch.trainable_params
         first_layer = _layer_prefix(wrapped[0][0]) if wrapped else None
+        # LoRA on a parameter (experts, router) is folded into the weight, not applied to an input: see moe terms
         arch.lora_inputs = [(name.rsplit(".", 1)[-1], m.in_features) for name, m in wrapped
-                            if _layer_prefix(name) == first_layer]
+                            if _layer_prefix(name) == first_layer and type(m).__name__ != "ParamWrapper"]
+        if arch.moe:
+            lora = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+            arch.moe["expert_lora_params"] = sum(k for n, k in lora if ".experts." in n)
+            arch.moe["router_lora_params"] = sum(k for n, k in lora if ".gate.lora_" in n or "shared_expert_gate.lora_" in n)
+    if arch.moe:
+        moe = arch.moe
+        moe["experts_trained"] = method == "full" or moe.get("expert_lora_params", 0) > 0
+        skipped = (moe["num_experts"] - moe["experts_per_token"]) / moe["num_experts"]
+        moe["active_params_per_token"] = arch.total_params - round(skipped * (moe["expert_params"] + moe.get("expert_lora_params", 0)))
     return arch
+
+
+def inspect_moe(model, text_config) -> dict | None:
+    """Routed experts, router and shared experts of a meta-device MoE model (None for a dense one)."""
+    from common.moe import moe_layout
+
+    layout = moe_layout(model)
+    if layout is None:
+        return None
+    modules = dict(model.named_modules())
+    experts = [modules[f"{b}.experts"] for b in layout.blocks]
+    down = experts[0].down_proj                                # [experts, hidden, expert intermediate]
+    return {"num_experts": layout.num_experts, "experts_per_token": layout.top_k, "moe_layers": layout.moe_layers,
+            "expert_intermediate": int(down.shape[-1]),
+            "shared_intermediate": int(getattr(text_config, "shared_expert_intermediate_size", 0) or 0),
+            "normalizes_top_k": bool(getattr(text_config, "norm_topk_prob", True)),
+            # Mixtral multiplies by fp32 routing weights; Qwen2-MoE and OLMoE cast them to the router logits' dtype
+            "routing_weights_fp32": layout.model_type == "mixtral",
+            "expert_params": sum(p.numel() for e in experts for p in e.parameters()),
+            "router_params": sum(p.numel() for b in layout.blocks for r in ["gate", *layout.router_linears]
+                                 for p in modules[f"{b}.{r}"].parameters()),
+            "shared_expert_params": sum(p.numel() for b in layout.blocks if f"{b}.shared_expert" in modules
+                                        for p in modules[f"{b}.shared_expert"].parameters()),
+            "expert_lora_params": 0, "router_lora_params": 0}
 
 
 def _decoder_layers(model):
@@ -391,9 +447,16 @@ def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = Tru
     d = _dtypes(s, autocast)
     c, ac, res, lin, attn = d["c"], d["ac"], d["res"], d["lin"], d["attn"]
     per_token = 2 * (4 * h + 4) + 2 * attn * q + 2 * attn * kv + 4 * arch.heads + 3 * lin * i
+    if arch.qk_norm_dims:                                       # q/k RMSNorms: fp32 copy of their input + rsqrt
+        per_token += 4 * arch.qk_norm_dims + 2 * 4
     constant = 0
     layer_linear = sum(arch.quantizable) // arch.layers if arch.layers else 0   # a layer's projection weights
     weight_copies = ac and d["w"] != c and s.method != "qlora"                  # autocast's copies of fp32 weights
+    if arch.moe:                                                # MoE layers: router + routed experts instead of SwiGLU
+        share = arch.moe["moe_layers"] / arch.layers
+        moe_token, moe_constant = moe_layer_bytes(arch, s, d)
+        per_token += share * (moe_token - 3 * lin * i - (lin * i if s.method == "full" else 0))
+        constant += share * moe_constant
     if s.method == "full":
         per_token += 2 * res * h                                # the normalized inputs (norm weight gradients)
         sharing = (not ac) or res == c                          # one input tensor shared by the group's projections
@@ -418,6 +481,35 @@ def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = Tru
         constant += c * arch.lora_params // arch.layers
     if weight_copies:
         constant += c * layer_linear
+    return per_token, constant
+
+
+def moe_layer_bytes(arch: Architecture, s: Settings, d: dict) -> tuple[float, int]:
+    """(bytes per token, bytes per layer) autograd keeps for one MoE block's router and experts (transformers 5's
+    grouped_mm experts; checked against a saved-tensor count in tests/unit/test_moe_memory.py).
+      router:       fp32 softmax probabilities (E), top-k ids (int64) and weights (fp32), their sum when normalized
+      per slot:     (tokens x top-k) sort/unsort indices (3 x int64), routing weight, gate/up output + act output,
+                    expert output (for the routing weight's gradient); LoRA on the experts: also the slot's input
+                    and act output (the weight gradients)
+      per layer:    grouped-mm offsets; LoRA on the experts: peft's W + scale * B @ A of every expert (ParamWrapper
+                    folds the factors into the weight the grouped matmul reads), in the compute dtype
+      shared expert (Qwen2-MoE): its SwiGLU outputs, output and sigmoid gate"""
+    m = arch.moe
+    k, e, mi, h = m["experts_per_token"], m["num_experts"], m["expert_intermediate"], arch.hidden
+    trained = m["experts_trained"]
+    folded = (d["c"] if d["ac"] else d["w"])                    # the materialized expert weights
+    ew = folded if trained and s.method != "full" else (4 if s.method == "qlora" else d["w"])
+    per_token = 4 * e + 8 * k + 4 * k + (4 if m["normalizes_top_k"] else 0)
+    routing = 4 if m["routing_weights_fp32"] else (d["c"] if d["ac"] else d["w"])
+    slot = 3 * 8 + routing + 3 * ew * mi + ew * h
+    if trained:
+        slot += ew * h + ew * mi
+    per_token += k * slot
+    if m["shared_intermediate"]:
+        per_token += 3 * d["lin"] * m["shared_intermediate"] + d["lin"] * h + d["lin"]
+    constant = 4 * e
+    if trained and s.method != "full":
+        constant += folded * m["expert_params"] // m["moe_layers"]
     return per_token, constant
 
 
@@ -561,12 +653,27 @@ def plan_bytes(arch: Architecture, s: Settings) -> dict:
         "activations_bytes": int(train["kept"] + train["logits_saved"]), "logits_bytes": int(train["logits_peak"]),
         "check_activations_bytes": int(check["kept"] + check["logits_saved"]),
         "activation_bytes_per_token_per_layer": round(train["per_token_per_layer"], 1),
+        **moe_report(arch, s),
         "ddp_bucket_bytes": int(ddp_buckets), "zero3_gathered_bytes": int(zero3_gathered),
         "overhead_bytes": int(overhead), "tensors_peak_bytes": int(tensors_peak), "peak_phase": peak_phase,
         "peak_phase_description": describe_phase(peak_phase, s), "precision": describe_precision(s),
         "phases": {k: int(v[0]) for k, v in phases.items()},
         "peak_bytes": int(peak), "required_bytes": int(required), "peak_measured_as": measured_as,
     }
+
+
+def moe_report(arch: Architecture, s: Settings) -> dict:
+    """`active_params_per_token` for every model; `moe` (experts, router, LoRA on them, routed activations) for MoE."""
+    if not arch.moe:
+        return {"active_params_per_token": arch.total_params}
+    m = arch.moe
+    per_token, constant = moe_layer_bytes(arch, s, _dtypes(s, True))
+    tokens = s.batch_size * s.seq_len
+    return {"active_params_per_token": m["active_params_per_token"], "moe": {
+        **{k: v for k, v in m.items() if k != "active_params_per_token"},
+        "routed_slots_per_step": tokens * m["experts_per_token"],
+        "moe_activation_bytes": int(m["moe_layers"] * (per_token * tokens + constant)),
+        "moe_activation_bytes_per_token_per_layer": round(per_token, 1)}}
 
 
 def cpu_rss_peak(arch: Architecture, s: Settings, weights: int, phases: dict) -> dict:
@@ -606,7 +713,8 @@ def plan(model: str | None = None, settings: Settings | None = None, config=None
     s.check()
     if arch is None:
         arch = inspect_model(config if config is not None else load_config(model), s.method, s.lora_r,
-                             s.lora_targets, s.lora_dropout, s.use_dora)
+                             s.lora_targets, s.lora_dropout, s.use_dora,
+                                             s.lora_train_router)
     out = {"model": model, "settings": asdict(s), "total_params": arch.total_params,
            "trainable_params": arch.trainable_params, "lora_modules": arch.lora_modules,
            "trainable_percent": round(100 * arch.trainable_params / arch.total_params, 4)}
@@ -669,7 +777,8 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
         while micro >= 1:
             s = replace(base, **change, batch_size=micro, gradient_accumulation_steps=-(-effective // micro))
             if s.method not in archs:
-                archs[s.method] = inspect_model(config, s.method, s.lora_r, s.lora_targets, s.lora_dropout, s.use_dora)
+                archs[s.method] = inspect_model(config, s.method, s.lora_r, s.lora_targets, s.lora_dropout, s.use_dora,
+                                             s.lora_train_router)
             p = plan(model, s, arch=archs[s.method])
             tried.append({"adds": label, "batch_size": micro, "required_gb": round(p["required_bytes"] / GB, 2)})
             if p["required_bytes"] <= budget_bytes:
@@ -721,7 +830,8 @@ def max_batch_size(model: str | None, budget_bytes: int, settings: Settings | No
     (0 if not even 1 fits). Memory grows with the batch, so a binary search over [1, limit] finds it."""
     s = replace(settings or Settings(), **overrides)
     arch = inspect_model(config if config is not None else load_config(model), s.method, s.lora_r, s.lora_targets,
-                         s.lora_dropout, s.use_dora)
+                         s.lora_dropout, s.use_dora,
+                                             s.lora_train_router)
 
     def fits(batch: int) -> bool:
         return plan(model, replace(s, batch_size=batch), arch=arch)["required_bytes"] <= budget_bytes
@@ -747,7 +857,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="model folder, config.json, or asset:tiny / asset:smollm2")
     ap.add_argument("--method", default=d.method, choices=["full", "lora", "qlora"])
     ap.add_argument("--lora_r", type=int, default=d.lora_r)
-    ap.add_argument("--lora_targets", default=d.lora_targets, help="comma-separated Linear names, or all-linear")
+    ap.add_argument("--lora_targets", default=d.lora_targets,
+                    help="comma-separated Linear names, or all-linear; `experts`: an MoE model's routed experts")
+    ap.add_argument("--lora_train_router", action="store_true", help="MoE: LoRA on the router too")
     ap.add_argument("--lora_dropout", type=float, default=d.lora_dropout)
     ap.add_argument("--use_dora", action="store_true", help="DoRA: + one magnitude per output feature of each adapted Linear")
     ap.add_argument("--seq_len", type=int, default=d.seq_len, help="tokens per sequence (the recipes' max_length)")
@@ -788,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on import
     s = Settings(method=a.method, lora_r=a.lora_r, lora_targets=a.lora_targets, lora_dropout=a.lora_dropout,
-                 use_dora=a.use_dora, seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
+                 use_dora=a.use_dora, lora_train_router=a.lora_train_router, seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
                  optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, world_size=a.world_size, zero=a.zero,
                  device=a.device, double_quant=not a.no_double_quant, cpu_heap_retention=a.cpu_heap_retention,
                  gradient_check=not a.no_gradient_check, check_autocast=not a.check_outside_autocast,
@@ -833,6 +945,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if out["fits"] else 1
     print(f"{a.model}: {out['trainable_params']:,} trainable of {out['total_params']:,} parameters "
           f"({out['trainable_percent']}%), {out['lora_modules']} LoRA modules")
+    if "moe" in out:
+        m = out["moe"]
+        print(f"  MoE: {m['num_experts']} experts, top-{m['experts_per_token']}, {m['moe_layers']} MoE layers; "
+              f"{out['active_params_per_token']:,} parameters active per token; LoRA on experts "
+              f"{m['expert_lora_params']:,}, on the router {m['router_lora_params']:,}")
     for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "master_weights_bytes", "activations_bytes",
                 "logits_bytes", "overhead_bytes", "peak_bytes", "required_bytes"):
         print(f"  {key[:-6]:<16}{_fmt(out[key])}")

@@ -7,6 +7,8 @@
 - LoRA via peft's `get_peft_model`, then the input-grad fix (common.checks.enable_input_grads).
 - The LoRA variants peft already has, as LoraOptions: DoRA, rsLoRA, PiSSA/OLoRA/gaussian init, and the LoRA+
   learning-rate ratio (built as the optimizer by common.trainer.TokenCountingTrainer).
+- Mixture-of-Experts: `experts` in --lora_target_modules puts LoRA on the routed experts' fused parameters, the
+  router only with --lora_train_router (common/moe.py resolves the targets against the loaded model).
 """
 from __future__ import annotations
 
@@ -129,7 +131,9 @@ class LoraOptions:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (on CPU dropout masks cost about a third of a step)"})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "Linear layer names, or all-linear"})
+        metadata={"help": "Linear layer names, or all-linear; `experts`: the routed experts of an MoE model (fused "
+                          "parameters no Linear name reaches; docs/moe.md)"})
+    lora_train_router: bool = field(default=False, metadata={"help": "MoE: LoRA on the router (top-k gate) too; frozen by default"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: a trainable magnitude per output feature on top of LoRA's direction (slower steps)"})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale = alpha / sqrt(r), so higher ranks still learn"})
     lora_init: str = field(default="default", metadata={"help": "default | gaussian | pissa | pissa_niter_N | olora: how the adapter starts (pissa/olora move the principal part of each base weight into it)"})
@@ -151,6 +155,13 @@ class LoraOptions:
         if quantized and init.startswith(("pissa", "olora")):
             raise CheckFailed(f"--lora_init {init} with --method qlora: it rewrites the base weights (base minus their "
                               "principal part), which needs them in full precision; use --method lora, or --lora_init default")
+        if "experts" in self.lora_target_modules or self.lora_train_router:
+            what = "`experts` in --lora_target_modules" if "experts" in self.lora_target_modules else "--lora_train_router"
+            if self.lora_dropout:
+                raise CheckFailed(f"--lora_dropout {self.lora_dropout} with {what}: peft's LoRA on fused expert "
+                                  "parameters (ParamWrapper) has no dropout; use --lora_dropout 0")
+            if self.use_dora:
+                raise CheckFailed(f"--use_dora with {what}: peft's ParamWrapper has no DoRA; drop one of them")
         if self.loraplus_lr_ratio < 0:
             raise CheckFailed(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: lora_B's learning rate is this multiple of "
                               "--learning_rate; use a value >= 1 (16 in the LoRA+ paper), or 0 for off")
@@ -186,11 +197,18 @@ def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from common.moe import apply_lora_targets
+
     if isinstance(r, LoraOptions):
         config = r.lora_config(quantized=quantized, loraplus_built=True)
+        targets, train_router = r.lora_targets, r.lora_train_router
     else:
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                             bias="none", task_type="CAUSAL_LM")
+        targets, train_router = target_modules, False
+    apply_lora_targets(config, model, targets, train_router)  # dense: unchanged; MoE: experts/router as asked
+    if train_router:  # a router that learns keeps the load-balancing loss it was trained with in the loss
+        model.config.output_router_logits = True
     model = get_peft_model(model, config)
     if str(config.init_lora_weights).startswith(("pissa", "olora")):
         keep_initial_adapter(model)

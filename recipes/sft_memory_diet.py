@@ -35,6 +35,7 @@ from common.collator import tokenize_sft  # noqa: E402
 from common.data import check_control_tokens, load_sft_data, sft_items  # noqa: E402
 from common.fast_path import BATCH_OPTIONS, choose_fast_path  # noqa: E402
 from common.models import LoraOptions, attach_lora, load_base_model, save_adapter  # noqa: E402
+from common.moe import RouterRecorder  # noqa: E402
 from common.probes import KeywordProbe  # noqa: E402
 from common.run import Run, RunOptions, run_recipe  # noqa: E402
 from common.run_files import write_json  # noqa: E402
@@ -115,7 +116,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     run.measure_memory()
     model = load_base_model(model_path, device, precision, cfg.method == "qlora", fast.attn)
     model = attach_lora(model, cfg, quantized=cfg.method == "qlora", gradient_checkpointing=fast.gradient_checkpointing)
-    lora_modules = checks.check_lora_targets(model, cfg.lora_targets)
+    lora_modules = checks.check_lora_targets(model, cfg.lora_targets, cfg.lora_train_router)  # MoE: experts, router
     trainable, total = checks.log_parameter_counts(model)
     checks.check_model_device(model, device)
     guard = checks.Cpu4bitEvalGuard(model) if quantized_on_cpu else None
@@ -147,6 +148,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     # ---- fail-fast checks on one real batch, run like a training step ------------------------------
     checks.check_first_batch(model, train_features[:micro], fast.collator, fast.padded_collator, tokenizer, device,
                              precision, cfg.labelled_logits_only)
+    router = RouterRecorder(model)  # MoE: router aux loss and expert load over the training passes
     run.started()
     if not fast.plan.get("resumed"):
         write_json(plan_file, fast.plan)
@@ -170,6 +172,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
 
     # ---- train ---------------------------------------------------------------------------------------
     whole = run.train(trainer)
+    router.remove()
     if guard:
         guard.remove()
         checks.check_4bit_weights_unpacked(model)
@@ -198,7 +201,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
         "packing_leak": fast.leak, "attn_implementation": fast.attn,
         "gradient_checkpointing": fast.gradient_checkpointing, "liger_kernel": fast.liger,
         "memory_plan": fast.plan, "allocator_tuned": fast.allocator_tuned, "truncation": truncation.as_dict(),
-        "optimizer": fast.optim,
+        "optimizer": fast.optim, **({"moe": router.metrics()} if router.layout else {}),
         "labelled_logits_only": bool(trainer.labelled_logits_only and not fast.liger and accepts_logits_to_keep(model)),
     }
     for key in ("eval_loss_before", "eval_loss_after"):
