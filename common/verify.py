@@ -2,6 +2,7 @@
 
     trained_on_4bit, why = detect_4bit_training(adapter_dir, "auto")    # the run's manifest, else the model card
     inputs = verification_inputs(tokenizer, conversations)              # templated texts, ids, padded batch
+    inputs = vlm_verification_inputs(processor, image_chats)            # the same for a VLM, images included
     reference = reference_logits(adapter_model, inputs, device)         # fp32 adapter model, real positions only
     merged, n = merge_lora(adapter_model)                               # refuses 4/8-bit layers and non-fp32 weights
     (hf,) = verify_in_fresh_process([(merged_dir, None)], inputs, reference, [tolerance], work)
@@ -146,11 +147,26 @@ def verification_inputs(tokenizer, conversations: list[list[dict]]) -> dict:
             "chat_template": tokenizer.chat_template}
 
 
+def vlm_verification_inputs(processor, chats) -> dict:
+    """verification_inputs for a vision-language model (common.vlm image chats): the templated texts with their
+    `<image>` placeholders (the fresh process expands them with the exported processor), the expanded ids, the
+    right-padded batch, the images' paths and their pixel_values."""
+    from common.vlm import VLMCollator, tokenize_image_chats
+
+    features = tokenize_image_chats(chats, processor, max_length=1 << 30)
+    batch = VLMCollator(processor, pad_to_multiple_of=1)(features)
+    return {"texts": [processor.tokenizer.apply_chat_template(c.messages, tokenize=False) for c in chats],
+            "ids": [f["input_ids"] for f in features], "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"], "pixel_values": batch.get("pixel_values"),
+            "images": [c.images for c in chats], "chat_template": processor.tokenizer.chat_template}
+
+
 @torch.no_grad()
 def reference_logits(model, inputs: dict, device: torch.device) -> torch.Tensor:
     """fp32 logits of `model` at the real (unpadded) positions of `inputs`, flattened to (positions, vocab)."""
+    images = {"pixel_values": inputs["pixel_values"].to(device)} if inputs.get("pixel_values") is not None else {}
     logits = model(input_ids=inputs["input_ids"].to(device),
-                   attention_mask=inputs["attention_mask"].to(device)).logits.float().cpu()
+                   attention_mask=inputs["attention_mask"].to(device), **images).logits.float().cpu()
     return logits[inputs["attention_mask"].bool()]
 
 
@@ -176,7 +192,8 @@ def per_sample_loss(flat_logits: torch.Tensor, inputs: dict) -> list[float]:
 # ---- the checks ---------------------------------------------------------------------------------------
 def verify_in_fresh_process(targets: list[tuple[Path, str | None]], inputs: dict, reference: torch.Tensor,
                             tolerances: list[float], work: Path) -> list[dict]:
-    """Load each (folder, gguf_file) with stock AutoTokenizer/AutoModelForCausalLM in ONE new Python process
+    """Load each (folder, gguf_file) with stock AutoTokenizer/AutoModelForCausalLM (a vision-language model: AutoProcessor/
+    AutoModelForImageTextToText, `inputs` from vlm_verification_inputs) in ONE new Python process
     (nothing from this repository, nothing cached from this process) and compare with `reference`.
     HF folders load in their saved dtype, as vLLM/TGI would; a GGUF is dequantized to fp32 (as llama.cpp
     computes with f16/bf16/q8_0 weights and fp32 accumulation)."""

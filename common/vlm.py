@@ -184,6 +184,21 @@ def tokenize_image_chats(chats: list[ImageChat], processor, max_length: int) -> 
     return features
 
 
+def vlm_sample_chats(path, adapter_dir, count: int) -> tuple[list[ImageChat], str]:
+    """(the first `count` image chats, their file) to verify a VLM export on: `path` when it holds image chats,
+    else the generated held-out set of the run that wrote the adapter (<run>/shapes/heldout.jsonl)."""
+    from common.checks import CheckFailed
+
+    candidates = [Path(path)] + [Path(adapter_dir).parent / "shapes" / "heldout.jsonl"]
+    for candidate in candidates:
+        if candidate.is_file() and is_image_chat(load_records(candidate)[0].data):
+            if candidate != Path(path):
+                log.info("--sample_dataset_path %s holds no image chats: verifying on %s", path, candidate)
+            return load_image_chats(candidate)[:max(count, 1)], str(candidate)
+    raise CheckFailed(f"--sample_dataset_path {path}: a vision-language adapter is verified on image chats "
+                      "({\"messages\", \"images\"} records); pass such a file")
+
+
 def load_images(paths: list[str]):
     from PIL import Image
 
@@ -299,6 +314,7 @@ SHAPES = ("circle", "square", "triangle")
 COUNTS = {1: "one", 2: "two", 3: "three"}
 QUESTIONS = {"colour": "What colour are the shapes?", "shape": "What shape are they?",
              "count": "How many shapes are there?"}
+SYSTEM = "Answer with one word."  # short: it replaces a chat template's default system prompt (SmolLM2's: ~20 tokens)
 
 
 def render_shapes(colour: str, shape: str, count: int, size: int, rng: random.Random):
@@ -343,7 +359,8 @@ def write_shapes_dataset(folder, train_examples: int, eval_examples: int, image_
             name = f"images/{split}_{i:04d}.png"
             render_shapes(colour, shape, count, image_size, rng).save(folder / name)
             answer = {"colour": colour, "shape": shape, "count": COUNTS[count]}[kind]
-            rows.append({"messages": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTIONS[kind]} One word."},
+            rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                                      {"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTIONS[kind]}"},
                                       {"role": "assistant", "content": answer}],
                          "images": [name], "kind": kind})
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -388,7 +405,7 @@ def load_vlm(path, device, precision: str, quantize_4bit: bool = False):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=DTYPES[precision], bnb_4bit_quant_storage=torch.uint8,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     return model

@@ -35,6 +35,10 @@ Run:
     bash launch/merge_export.sh --adapter_path runs/sft_memory_diet/adapter
     python recipes/merge_export.py --config recipes/configs/merge_export.yaml [--key value ...]
 
+A vision-language adapter (recipes/sft_vlm.py; the base config has vision_config + text_config) merges the same
+way into a LLaVA folder with its processor (AutoProcessor + AutoModelForImageTextToText load it), verified on image
+chats (--sample_dataset_path, default for a VLM run: its generated <run>/shapes/heldout.jsonl); no GGUF for it.
+
 Measured here (SmolLM2-135M-Instruct quickstart adapter, 2-core CPU): see docs/export.md, "Merge and export".
 """
 from __future__ import annotations
@@ -52,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 import common  # noqa: E402,F401  (first: its logging filter must precede transformers' bitsandbytes import)
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer  # noqa: E402
 
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
@@ -64,7 +68,8 @@ from common.run import ModelOptions, Run, run_recipe  # noqa: E402
 from common.tracking import check_model_name, register_export  # noqa: E402
 from common.verify import (check_unquantized_base, compare_with_4bit_training, detect_4bit_training,  # noqa: E402
                            export_generation_config, folder_bytes, merge_lora, per_sample_loss, plot_losses,
-                           reference_logits, verification_inputs, verify_in_fresh_process)
+                           reference_logits, verification_inputs, verify_in_fresh_process, vlm_verification_inputs)
+from common.vlm import is_vlm_folder, vlm_sample_chats  # noqa: E402
 
 RECIPE = Path(__file__).stem  # a copy writes runs/<its name> and "recipe": "<its name>"
 # max |logit diff| allowed against the fp32 adapter model. fp32: merge reassociation only (measured ~1e-5);
@@ -126,11 +131,24 @@ def main(cfg: Config) -> dict:
     transformers.logging.set_verbosity_error()
     adapter_config, base, dtype_name = validate(cfg)
     base_dir = Path(base)
-    gguf_types, quantizations, llama_cpp_dir, gguf_missing = plan_gguf(cfg.gguf_type, cfg.gguf_quantizations,
-                                                                       cfg.llama_cpp_dir)
+    vlm = is_vlm_folder(base_dir)  # LLaVA-style (recipes/sft_vlm.py): image chats in, no GGUF out
+    if vlm and cfg.gguf_type not in ("auto", "none"):
+        raise checks.CheckFailed(f"--gguf_type {cfg.gguf_type} for a vision-language model: llama.cpp takes a VLM as two "
+                                 "files (the language model and an mmproj file for the vision tower + projector, from "
+                                 "its own converter's --mmproj mode), which this recipe does not build or check; use "
+                                 "--gguf_type none (merged/ serves in vLLM/TGI/transformers)")
+    gguf_types, quantizations, llama_cpp_dir, gguf_missing = plan_gguf("none" if vlm else cfg.gguf_type,
+                                                                       cfg.gguf_quantizations, cfg.llama_cpp_dir)
+    if vlm:
+        gguf_missing = "a vision-language model: no GGUF (llama.cpp needs a separate mmproj file for its vision part)"
     trained_on_4bit, detected_from = detect_4bit_training(adapter_dir, cfg.trained_on_4bit)
-    records, fmt = load_dataset_file(cfg.sample_dataset_path)
-    conversations = [to_messages(r.data, fmt) for r in records[:cfg.num_samples]]
+    if vlm:
+        image_chats, sample_path = vlm_sample_chats(cfg.sample_dataset_path, adapter_dir, cfg.num_samples)
+        records, fmt, conversations = [], None, []
+        run.datasets[0] = sample_path
+    else:
+        records, fmt = load_dataset_file(cfg.sample_dataset_path)
+        conversations = [to_messages(r.data, fmt) for r in records[:cfg.num_samples]]
     if cfg.num_samples < 1 or any(c is None for c in conversations):
         raise checks.CheckFailed(f"{cfg.sample_dataset_path}: need chat or instruction records for verification "
                                  f"(and --num_samples >= 1)")
@@ -145,10 +163,12 @@ def main(cfg: Config) -> dict:
 
     # ---- the adapter model: unquantized fp32 base + LoRA (the reference) ------------------------
     run.measure_memory()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    processor = AutoProcessor.from_pretrained(source) if vlm else None  # the VLM's tokenizer + image processor
+    tokenizer = processor.tokenizer if vlm else AutoTokenizer.from_pretrained(source)
+    model = PeftModel.from_pretrained((AutoModelForImageTextToText if vlm else AutoModelForCausalLM).from_pretrained(
         base_dir, dtype=torch.float32, device_map={"": str(run.device)}), adapter_dir).eval()
-    inputs = verification_inputs(tokenizer, conversations)
+    inputs = vlm_verification_inputs(processor, image_chats) if vlm else verification_inputs(tokenizer, conversations)
     reference = reference_logits(model, inputs, run.device)
     metrics_4bit = compare_with_4bit_training(base_dir, adapter_dir, inputs, reference, run.device) if trained_on_4bit else {}
 
@@ -162,7 +182,7 @@ def main(cfg: Config) -> dict:
     merged_dir = run.output_dir / "merged"
     merged.generation_config = export_generation_config(base_dir, merged.config, tokenizer, stop_ids)
     merged.save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
+    (processor or tokenizer).save_pretrained(merged_dir)
     del merged, model
     adapter_copy = run.output_dir / "adapter" if cfg.copy_adapter else None
     if adapter_copy:
@@ -201,7 +221,7 @@ def main(cfg: Config) -> dict:
         "merge_seconds": round(merge_seconds, 3), "merged_dir": str(merged_dir), "merged_bytes": folder_bytes(merged_dir),
         "adapter_copy": str(adapter_copy) if adapter_copy else None,
         "adapter_bytes": folder_bytes(adapter_dir), "stop_token_ids": stop_ids,
-        "verification_samples": len(inputs["ids"]), "verification_dataset": cfg.sample_dataset_path,
+        "verification_samples": len(inputs["ids"]), "verification_dataset": run.datasets[0], "vision_language": vlm,
         "merged_vs_adapter": {k: v for k, v in hf.items() if k != "per_sample_loss"},
         "max_abs_logit_diff": hf["max_abs_logit_diff"], "top1_agreement": hf["top1_agreement"], "tolerance": tolerance,
         **metrics_4bit, "gguf": files[0] if files else None, "gguf_files": files,
