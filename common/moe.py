@@ -19,6 +19,7 @@ router sent a token to (an expert with no token in that batch legitimately gets 
 
     python -m common.moe mixtral --output_dir DIR   # tiny random Mixtral + the repo's tiny tokenizer (seconds)
     python -m common.moe qwen2_moe --output_dir DIR  # ... Qwen2-MoE (shared expert); olmoe likewise
+    python -m common.moe mixtral --size small --output_dir DIR   # 4 layers, 8 experts, 54M parameters
 """
 from __future__ import annotations
 
@@ -293,26 +294,36 @@ def experts_without_gradient(model, recorder: RouterRecorder) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Tiny random MoE models (tests, docs): the repo's tiny tokenizer, 2 layers, 4 experts, top-2
 # ---------------------------------------------------------------------------------------------
-def tiny_moe_config(arch: str, tokenizer=None):
+SIZES = {  # tiny: tests (seconds); small: memory validation (activations and folded experts well above the baseline)
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 experts=4, expert=32, dense=64),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                  experts=8, expert=1024, dense=1024),
+}
+
+
+def tiny_moe_config(arch: str, tokenizer=None, size: str = "tiny"):
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
     ids = {}
     if tokenizer is not None:
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, max_position_embeddings=512, tie_word_embeddings=False, num_experts_per_tok=2, **ids)
+    dims = dict(SIZES[size])
+    experts, expert, dense = dims.pop("experts"), dims.pop("expert"), dims.pop("dense")
+    common = dict(vocab_size=512, max_position_embeddings=512, tie_word_embeddings=False, num_experts_per_tok=2,
+                  **dims, **ids)
     if arch == "mixtral":
-        return MixtralConfig(intermediate_size=32, num_local_experts=4, **common)
+        return MixtralConfig(intermediate_size=expert, num_local_experts=experts, **common)
     if arch == "qwen2_moe":
-        return Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                              num_experts=4, norm_topk_prob=True, **common)
+        return Qwen2MoeConfig(intermediate_size=dense, moe_intermediate_size=expert, shared_expert_intermediate_size=dense,
+                              num_experts=experts, norm_topk_prob=True, **common)
     if arch == "olmoe":
-        return OlmoeConfig(intermediate_size=32, num_experts=4, norm_topk_prob=True, **common)
+        return OlmoeConfig(intermediate_size=expert, num_experts=experts, norm_topk_prob=True, **common)
     raise SystemExit(f"unknown tiny MoE {arch!r}: choose mixtral, qwen2_moe or olmoe")
 
 
-def build_tiny_moe(arch: str, output_dir) -> Path:
+def build_tiny_moe(arch: str, output_dir, size: str = "tiny") -> Path:
     """A random-init MoE causal LM of `arch` with the repo's tiny tokenizer, saved as a plain HF folder."""
     import tempfile
 
@@ -324,7 +335,7 @@ def build_tiny_moe(arch: str, output_dir) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny(Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(tmp)
-    config = tiny_moe_config(arch, tokenizer)
+    config = tiny_moe_config(arch, tokenizer, size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
@@ -339,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m common.moe", description="build a tiny random MoE model")
     ap.add_argument("arch", choices=["mixtral", "qwen2_moe", "olmoe"])
     ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
     a = ap.parse_args(argv)
-    print(build_tiny_moe(a.arch, a.output_dir))
+    print(build_tiny_moe(a.arch, a.output_dir, a.size))
     return 0
 
 

@@ -23,6 +23,10 @@ again (its measurement is re-read and re-predicted); delete that folder to measu
 not finish (a timeout, a failure, a signal) is measured again from the start, never resumed.
 SIGTERM/SIGINT stop the running configuration and exit 75 (common.child); rerun the same command.
 
+MoE rows (`model=moe:<arch>[_small]`: a random MoE model of common/moe.py, built once into <output_dir>/models/):
+    python harnesses/memory_validation.py --output_dir runs/memory_validation_moe --configurations \
+        "name=moe_mixtral_small_experts_b2_s256 model=moe:mixtral_small method=lora batch=2 seq=256 targets=q_proj,v_proj,experts"
+
 Measured here: the table in docs/memory.md, "Memory planner" (2-core CPU VM, no GPU): about 5 minutes per
 configuration on the shared, loaded VM, an hour for the 12 in the config.
 """
@@ -105,6 +109,17 @@ def recipe_command(spec: dict, model: str, run_dir: Path, data: Path, cfg: Confi
             "--gradient_checkpointing", spec["ckpt"], "--optim", spec["optim"], "--precision", spec["precision"],
             "--lora_r", spec["r"], "--lora_alpha", str(2 * int(spec["r"])), "--lora_target_modules", *targets,
             "--save_steps", "100000", "--logging_steps", "1", "--sample_generations", "0", "--seed", str(cfg.seed)]
+
+
+def moe_model(name: str, out: Path) -> str:
+    """`moe:mixtral`, `moe:qwen2_moe_small`, ...: a random MoE model (common/moe.py) built once under <out>/models."""
+    from common.moe import build_tiny_moe
+
+    arch = name[len("moe:"):]
+    folder = out / "models" / arch
+    if not (folder / "config.json").is_file():
+        build_tiny_moe(arch.removesuffix("_small"), folder, "small" if arch.endswith("_small") else "tiny")
+    return str(folder)
 
 
 def metrics_path(spec: dict, run_dir: Path) -> Path:
@@ -209,7 +224,8 @@ def main(cfg: Config) -> dict:
 
     rows = []
     for spec in specs:
-        model = resolve_model_path(spec.get("model", cfg.model_name_or_path))
+        model = moe_model(spec["model"], out) if spec.get("model", "").startswith("moe:") else \
+            resolve_model_path(spec.get("model", cfg.model_name_or_path))
         run_dir = out / "runs" / spec["name"]
         row = {"spec": spec, "model": model, "device": device}
         fraction = labelled_fraction(model, data, int(spec["seq"]), int(spec["batch"]) * (cfg.max_steps + 1))

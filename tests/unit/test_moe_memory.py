@@ -162,3 +162,16 @@ def test_moe_activation_model_matches_saved_tensors(tiny_moe, arch, targets, dty
     arch_ = inspect_model(load_config(path), "lora", 8, targets, 0.0)
     act = memory.activation_bytes(arch_, s, autocast=autocast, peft_cast=False)
     assert act["kept"] + act["logits_saved"] == measured
+
+
+def test_validation_harness_builds_moe_models_and_plans_their_rows(tmp_path):
+    from harnesses import memory_validation as mv
+
+    spec = mv.parse_spec("name=m model=moe:mixtral method=lora batch=2 seq=64 targets=q_proj,v_proj,experts")
+    model = mv.moe_model(spec["model"], tmp_path)
+    assert model == str(tmp_path / "models" / "mixtral") and mv.moe_model(spec["model"], tmp_path) == model  # once
+    cmd = mv.recipe_command(spec, model, tmp_path / "run", tmp_path / "data.jsonl", mv.Config())
+    assert cmd[cmd.index("--lora_target_modules") + 1:][:3] == ["q_proj", "v_proj", "experts"]
+    p = mv.predict(spec, model, "cpu")
+    r, e = memory.recipe_defaults()["lora_r"], 4              # 2 layers; gate_up_proj [4, 64, 64], down_proj [4, 64, 32]
+    assert p["moe"]["expert_lora_params"] == 2 * ((e * r * 64 + 64 * e * r) + (e * r * 32 + 64 * e * r)) == 28_672
