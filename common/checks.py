@@ -142,7 +142,7 @@ def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:
     model.train()
     device = next(p for p in model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    router = RouterRecorder(model)  # MoE: which experts the router sent this batch's tokens to
+    router = RouterRecorder(model, gradient_path=True)  # MoE: which experts got tokens that reach the loss
     try:
         loss = model(**batch).loss
         if not loss.requires_grad or loss.grad_fn is None:
@@ -190,9 +190,9 @@ def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:
         if problems:
             raise CheckFailed("gradient-flow check failed: " + "; ".join(problems))
         if router.hits:
-            routed = {b: int((h > 0).sum()) for b, h in router.hits.items()}
-            log.info("MoE: experts that got tokens in this batch (per layer, of %d): %s; each one's LoRA got a gradient",
-                     router.layout.num_experts, routed)
+            routed = {b: int((router.hits_on_path.get(b, h) > 0).sum()) for b, h in router.hits.items()}
+            log.info("MoE: experts that got tokens reaching the loss in this batch (per layer, of %d): %s; each one's "
+                     "LoRA got a gradient", router.layout.num_experts, routed)
         log.info("gradient flow OK: loss %.4f, %d trainable tensors got finite gradients", loss.item(), ok)
         return ok
     finally:

@@ -189,17 +189,19 @@ def check_expert_targets(model, targets, train_router: bool = False) -> dict:
 class RouterRecorder:
     """Forward hooks on every MoE block's router: the router logits of each training forward pass.
 
-    `.hits[block]` counts the tokens routed to each expert (top-k slots) since the recorder started; with
-    `keep_logits` the last pass's logits per block are kept (the one-batch check). Passes in eval mode, and the
-    recomputation of checkpointed layers during backward, are not counted."""
+    `.hits[block]` counts the tokens routed to each expert (top-k slots) since the recorder started. With
+    `gradient_path` (the one-batch check) `.hits_on_path[block]` counts, after backward, only the tokens whose
+    hidden state at that block got a gradient: a token after the last labelled position of its sequence (causal
+    attention), or one in the last layer whose logit is not labelled, cannot move any expert. Passes in eval mode,
+    and the recomputation of checkpointed layers during backward, are not counted."""
 
-    def __init__(self, model, keep_logits: bool = False):
+    def __init__(self, model, gradient_path: bool = False):
         self.layout = moe_layout(model)
-        self.keep_logits = keep_logits
+        self.gradient_path = gradient_path
         self.hits: dict[str, torch.Tensor] = {}
+        self.hits_on_path: dict[str, torch.Tensor] = {}
         self.prob_sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
-        self.logits: dict[str, torch.Tensor] = {}
         self.aux_losses: list[float] = []
         self._pending: dict[str, torch.Tensor] = {}
         self.handles = []
@@ -220,6 +222,15 @@ class RouterRecorder:
                 return
             logits = (output[0] if isinstance(output, tuple) else output).detach().float().reshape(-1, self.layout.num_experts)
             self._pending[block] = logits
+            hidden = args[0] if args else None
+            if self.gradient_path and torch.is_tensor(hidden) and hidden.requires_grad:
+                chosen = logits.topk(self.layout.top_k, dim=-1).indices
+
+                def on_path(grad, block=block, chosen=chosen):
+                    reached = grad.reshape(chosen.shape[0], -1).abs().sum(-1) > 0
+                    self.hits_on_path[block] = self.hits_on_path.get(block, 0) + torch.bincount(
+                        chosen[reached].reshape(-1).cpu(), minlength=self.layout.num_experts)
+                hidden.register_hook(on_path)
         return record
 
     def _end_of_pass(self, module, args, output):
@@ -232,8 +243,6 @@ class RouterRecorder:
             self.prob_sums[block] = self.prob_sums.get(block, 0) + logits.softmax(-1).sum(0).cpu()
         self.tokens += next(iter(self._pending.values())).shape[0]
         self.aux_losses.append(float(load_balancing_loss(list(self._pending.values()), e, k)))
-        if self.keep_logits:
-            self.logits = dict(self._pending)
         self._pending = {}
 
     def remove(self) -> None:
@@ -270,14 +279,16 @@ def load_balancing_loss(layer_logits: list[torch.Tensor], num_experts: int, top_
 
 
 def experts_without_gradient(model, recorder: RouterRecorder) -> list[str]:
-    """After backward on the recorded batch: '<wrapper> expert <e>' for every expert the router sent a token to
-    whose LoRA factors got no gradient (lora_B's columns of that expert; lora_A's rows once lora_B is non-zero)."""
+    """After backward on the recorded batch: '<wrapper> expert <e>' for every expert the router sent a token on the
+    gradient path to (recorder.hits_on_path; every routed token without gradient_path) whose LoRA factors got no
+    gradient (lora_B's columns of that expert; lora_A's rows once lora_B is non-zero)."""
     bad = []
+    hits = recorder.hits_on_path if recorder.gradient_path else recorder.hits
     for name, wrapper in expert_lora_layers(model).items():
-        block = next((b for b in recorder.hits if name.endswith(f"{b}.experts") or f"{b}.experts." in name), None)
+        block = next((b for b in hits if name.endswith(f"{b}.experts") or f"{b}.experts." in name), None)
         if block is None:
             continue
-        hit = recorder.hits[block] > 0
+        hit = hits[block] > 0
         for adapter in wrapper.lora_A:
             a, b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
             e = wrapper.num_experts

@@ -106,7 +106,7 @@ def test_gradient_check_passes_and_names_experts_that_got_tokens(tiny_moe, arch,
     model, _ = lora_model(tiny_moe[arch], ["q_proj", "v_proj", "experts"])
     with caplog.at_level("INFO", logger="common.checks"):
         assert check_gradient_flow(model, batch()) > 0
-    assert "MoE: experts that got tokens in this batch (per layer, of 4)" in caplog.text
+    assert "MoE: experts that got tokens reaching the loss in this batch (per layer, of 4)" in caplog.text
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -163,3 +163,34 @@ def test_router_recorder_matches_the_models_own_aux_loss(tiny_moe, arch):
     with torch.no_grad():
         model(**b)
     assert recorder.metrics() == {}
+
+
+def test_only_tokens_that_reach_the_loss_oblige_an_expert_to_get_a_gradient(tiny_moe):
+    # labels on the first 8 positions only: with causal attention, later tokens cannot move the loss, so the
+    # experts that only they use (2 and 3 here) legitimately get no gradient even though the router used them
+    model, _ = lora_model(tiny_moe["mixtral"], ["q_proj", "v_proj", "experts"])
+    seq = 24
+
+    def by_position(module, args, out):
+        logits = out[0].clone()
+        late = (torch.arange(logits.shape[0]) % seq) >= 8
+        logits[late, :2] = -1e9
+        logits[~late, 2:] = -1e9
+        top, idx = logits.float().softmax(-1).topk(2, dim=-1)
+        return logits, (top / top.sum(-1, keepdim=True)).to(out[1].dtype), idx
+
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.gate.register_forward_hook(by_position)
+    b = batch(2 * seq)
+    b["labels"] = b["labels"].clone()
+    b["labels"][:, 8:] = -100
+    model.train()
+    recorder = moe.RouterRecorder(model, gradient_path=True)
+    model(**b).loss.backward()
+    recorder.remove()
+    for block in recorder.hits:
+        assert (recorder.hits[block] > 0).all()                                 # all 4 experts got tokens
+        assert (recorder.hits_on_path[block][:2] > 0).all() and (recorder.hits_on_path[block][2:] == 0).all()
+    assert moe.experts_without_gradient(model, recorder) == []
+    model.zero_grad(set_to_none=True)
+    assert check_gradient_flow(model, b) > 0
