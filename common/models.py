@@ -166,14 +166,20 @@ class LoraOptions:
             raise CheckFailed(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: lora_B's learning rate is this multiple of "
                               "--learning_rate; use a value >= 1 (16 in the LoRA+ paper), or 0 for off")
 
-    def lora_config(self, task_type: str = "CAUSAL_LM", quantized: bool = False, loraplus_built: bool = False):
-        """`loraplus_built`: the caller's trainer builds the LoRA+ optimizer (TokenCountingTrainer); else it is refused."""
+    def lora_config(self, task_type: str = "CAUSAL_LM", quantized: bool = False, loraplus_built: bool = False,
+                    moe_resolved: bool = False):
+        """`loraplus_built`: the caller's trainer builds the LoRA+ optimizer (TokenCountingTrainer); else it is refused.
+        `moe_resolved`: the caller resolves `experts` / the router against the model (attach_lora); else refused."""
         from peft import LoraConfig
 
         self.check_lora_variants(quantized)
         if self.loraplus_lr_ratio and not loraplus_built:
             raise CheckFailed(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: this recipe's trainer builds its own "
                               "optimizer without LoRA+ groups; use 0 here (recipes/sft_memory_diet.py has LoRA+)")
+        if ("experts" in self.lora_target_modules or self.lora_train_router) and not moe_resolved:
+            raise CheckFailed("`experts` in --lora_target_modules / --lora_train_router: this recipe attaches LoRA "
+                              "without resolving MoE targets; drop them here (recipes/sft_memory_diet.py has them, "
+                              "docs/moe.md)")
         init = {"default": True}.get(self.lora_init, self.lora_init)
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_targets, bias="none", task_type=task_type,
@@ -200,7 +206,7 @@ def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout
     from common.moe import apply_lora_targets
 
     if isinstance(r, LoraOptions):
-        config = r.lora_config(quantized=quantized, loraplus_built=True)
+        config = r.lora_config(quantized=quantized, loraplus_built=True, moe_resolved=True)
         targets, train_router = r.lora_targets, r.lora_train_router
     else:
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,

@@ -96,6 +96,9 @@ def test_experts_on_a_dense_model_and_bad_variants_are_refused(tiny_dir):
         LoraOptions(lora_target_modules=["experts"], lora_dropout=0.05).check_lora_variants()
     with pytest.raises(CheckFailed, match="--use_dora with --lora_train_router"):
         LoraOptions(lora_train_router=True, use_dora=True).check_lora_variants()
+    # recipes that build their LoraConfig without the model (dpo, ppo, reward_model, fsdp2_lora) refuse the MoE options
+    with pytest.raises(CheckFailed, match="this recipe attaches LoRA without resolving MoE targets"):
+        LoraOptions(lora_target_modules=["q_proj", "experts"]).lora_config()
 
 
 # ---------------------------------------------------------------------------------------------

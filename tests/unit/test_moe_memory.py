@@ -175,3 +175,14 @@ def test_validation_harness_builds_moe_models_and_plans_their_rows(tmp_path):
     p = mv.predict(spec, model, "cpu")
     r, e = memory.recipe_defaults()["lora_r"], 4              # 2 layers; gate_up_proj [4, 64, 64], down_proj [4, 64, 32]
     assert p["moe"]["expert_lora_params"] == 2 * ((e * r * 64 + 64 * e * r) + (e * r * 32 + 64 * e * r)) == 28_672
+
+
+def test_cpu_peak_keeps_an_moe_checkpoint_resident_beside_its_weights(tiny_moe):
+    from dataclasses import replace
+
+    s = Settings(method="lora", lora_targets="q_proj,v_proj", device="cpu", dtype="fp32", seq_len=32)
+    arch = inspect_model(load_config(tiny_moe["mixtral"]), "lora", 16, "q_proj,v_proj")
+    phases = {"step": (10**6, 0)}
+    moe_peak, dense_peak = memory.cpu_rss_peak(arch, s, 0, phases), memory.cpu_rss_peak(replace(arch, moe=None), s, 0, phases)
+    file_bytes = 4 * (arch.total_params - arch.lora_params)             # an fp32 checkpoint
+    assert moe_peak["training"] - dense_peak["training"] == file_bytes
