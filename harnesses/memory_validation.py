@@ -25,7 +25,9 @@ SIGTERM/SIGINT stop the running configuration and exit 75 (common.child); rerun 
 
 MoE rows (`model=moe:<arch>[_small]`: a random MoE model of common/moe.py, built once into <output_dir>/models/):
     python harnesses/memory_validation.py --output_dir runs/memory_validation_moe --configurations \
-        "name=moe_mixtral_small_experts_b2_s256 model=moe:mixtral_small method=lora batch=2 seq=256 targets=q_proj,v_proj,experts"
+        "name=moe_mixtral_small_experts_b2_s256 model=moe:mixtral_small method=lora batch=2 seq=256 targets=q_proj,v_proj,experts precision=fp32"
+
+The MoE table: docs/moe.md, "Memory planner".
 
 Measured here: the table in docs/memory.md, "Memory planner" (2-core CPU VM, no GPU): about 5 minutes per
 configuration on the shared, loaded VM, an hour for the 12 in the config.
