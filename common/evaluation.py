@@ -1,6 +1,7 @@
 """Evaluation pieces shared by recipes: batched greedy generation, keyword accuracy, token-weighted
 perplexity, text-overlap metrics (ROUGE, BLEU, chrF, exact match) and label parsing; for recipes/evaluate.py
-also the model under test in its three forms (model folder, base + adapter, merged export), one set scored
+also the model under test in its three forms (model folder, base + adapter, merged export; a vision-language
+model too, scored on image chats by `score_image_chats`), one set scored
 by one model (`score_set`), and the report (results table with deltas, per-set loss plot).
 
 Generation pads on the left (a right-padded prompt would make the model continue after pad
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from common import checks
+from common.vlm import is_vlm_folder
 
 
 @torch.no_grad()
@@ -266,8 +268,14 @@ def load_model_under_test(name_or_path: str, adapter_path: str | None, device: t
     if adapter_path and not (Path(adapter_path) / "adapter_config.json").is_file():
         raise checks.CheckFailed(f"--adapter_path {adapter_path}: no adapter_config.json there")
     tok_dir = Path(adapter_path) if adapter_path and (Path(adapter_path) / "tokenizer_config.json").is_file() else path
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)})
+    if is_vlm_folder(path):  # LLaVA-style: the processor (tokenizer + image processor) stands in for the tokenizer
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        tokenizer = AutoProcessor.from_pretrained(tok_dir)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map={"": str(device)})
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)})
     described = str(path)
     if adapter_path:
         from peft import PeftModel
@@ -277,6 +285,33 @@ def load_model_under_test(name_or_path: str, adapter_path: str | None, device: t
     model.eval()
     model.config.use_cache = True
     return model, tokenizer, described
+
+
+def model_is_vlm(name_or_path: str, adapter_path: str | None = None) -> bool:
+    """Whether the model under test (a folder, asset:..., or an adapter folder's base) is a vision-language model."""
+    if name_or_path.startswith("asset:"):  # decided without building it: the VLM assets are the *_vlm ones
+        return name_or_path.endswith("_vlm")
+    path = Path(name_or_path)
+    if adapter_path is None and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return model_is_vlm(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return is_vlm_folder(path)
+
+
+def score_image_chats(model, processor, chats, batch_size: int, max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """(metrics, one row per chat) of a vision-language model on held-out image chats (common.vlm): answer
+    accuracy (the reply's first word is the reference's), per record `kind`, and the token-weighted loss."""
+    from common.vlm import VLMCollator, answer_accuracy, answer_questions, heldout_loss, tokenize_image_chats
+
+    start = time.time()
+    features = tokenize_image_chats(chats, processor, max_length=1 << 30)
+    loss = heldout_loss(model, features, VLMCollator(processor), batch_size=max(1, batch_size // 2))
+    replies = answer_questions(model, processor, chats, max_new_tokens, batch_size)
+    metrics = {"examples": len(chats), **answer_accuracy(chats, replies), "loss": loss,
+               "perplexity": math.exp(loss) if loss is not None else None, "seconds": round(time.time() - start, 2)}
+    metrics.pop("questions")
+    rows = [{"prompt": c.messages[-2]["content"], "images": c.images, "reference": c.messages[-1]["content"],
+             "reply": r} for c, r in zip(chats, replies)]
+    return metrics, rows
 
 
 def score_set(model, tokenizer, items: dict, classification: bool, max_length: int, batch_size: int,

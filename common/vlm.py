@@ -265,7 +265,7 @@ def answer_questions(model, processor, chats: list[ImageChat], max_new_tokens: i
                 extra["pixel_values"] = pixels.to(device, dtype)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, **extra)
+                                     do_sample=False, pad_token_id=pad, use_cache=True, **extra)  # training set it off
             replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     finally:
         model.train(was_training)

@@ -12,6 +12,8 @@ What it is for: the numbers you want after fine-tuning, on held-out data, for th
     is the label), invalid replies counted, chance level reported;
   - the catastrophic-forgetting check (seed 003): the same metrics for a baseline (the base model) on a
     general-knowledge set and the domain set, and the delta fine-tuned - baseline per set;
+  - a vision-language model (recipes/sft_vlm.py's adapter, its merged export): answer accuracy and loss on held-out
+    image chats (--image_chat_dataset_path), against the base with the adapter disabled;
   - with --harness_tasks, lm-evaluation-harness tasks on the same model and baseline (the optional eval extra:
     bash launch/setup_eval.sh), folded into the same table and forgetting check as "lm-eval:<task>" sets; local
     tasks for the data in data/ (persona_keywords, general_keywords, intent_classification) run offline.
@@ -47,15 +49,17 @@ import transformers  # noqa: E402
 
 from common import checks, harness_eval  # noqa: E402
 from common.data import load_dataset_file, to_messages  # noqa: E402
-from common.evaluation import (SCALES, TABLE_METRICS, deltas, load_model_under_test, plot_set_losses,  # noqa: E402
-                               results_table, score_set)
+from common.evaluation import (SCALES, TABLE_METRICS, deltas, load_model_under_test, model_is_vlm,  # noqa: E402
+                               plot_set_losses, results_table, score_image_chats, score_set)
 from common.models import DTYPES  # noqa: E402
 from common.run import ModelOptions, Run, run_recipe  # noqa: E402
 from common.run_files import write_json  # noqa: E402
+from common.vlm import load_image_chats  # noqa: E402
 
 RECIPE = Path(__file__).stem  # a copy writes runs/<its name> and "recipe": "<its name>"
+log = logging.getLogger(RECIPE)
 OPTIONAL = ("adapter_path", "baseline_model_name_or_path", "domain_dataset_path", "general_dataset_path",
-            "classification_dataset_path")
+            "classification_dataset_path", "image_chat_dataset_path")
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Config(ModelOptions):
     domain_dataset_path: str | None = field(default="data/persona/heldout.jsonl", metadata={"help": "the fine-tuning domain's held-out set (chat, instruction or completion; `keywords` optional)"})
     general_dataset_path: str | None = field(default="data/eval/general.jsonl", metadata={"help": "general-knowledge set for the forgetting check"})
     classification_dataset_path: str | None = field(default=None, metadata={"help": "text,label data (e.g. data/samples/classification.csv): accuracy by generating a label"})
+    image_chat_dataset_path: str | None = field(default=None, metadata={"help": "held-out image chats ({\"messages\", \"images\"}, e.g. runs/sft_vlm/shapes/heldout.jsonl) for a vision-language model: answer accuracy and loss; a VLM is scored on this set only"})
     output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "run directory: metrics.json, results.md, generations.json, manifest.json, loss.png"})
     precision: str = field(default="fp32", metadata={"help": "auto | bf16 | fp16 | fp32: dtype the models are loaded in"})
     max_new_tokens: int = field(default=48, metadata={"help": "generation length for replies"})
@@ -81,6 +86,15 @@ class Config(ModelOptions):
 def validate(cfg: Config) -> tuple[dict[str, str], harness_eval.Harness | None]:
     """Everything that needs no model, each with the option to change; returns the sets to score, by name, and the
     lm-eval tasks (lm-eval installed, every name known) or None."""
+    if model_is_vlm(cfg.model_name_or_path, cfg.adapter_path):  # scored on image chats, nothing else
+        if not cfg.image_chat_dataset_path or cfg.harness_tasks:
+            raise checks.CheckFailed(f"{cfg.model_name_or_path} is a vision-language model: pass --image_chat_dataset_path "
+                                     "(held-out image chats, e.g. runs/sft_vlm/shapes/heldout.jsonl) and no --harness_tasks")
+        log.info("vision-language model: scored on %s only (the text sets are skipped)", cfg.image_chat_dataset_path)
+        return {"image_chat": cfg.image_chat_dataset_path}, None
+    if cfg.image_chat_dataset_path:
+        raise checks.CheckFailed(f"--image_chat_dataset_path needs a vision-language model; {cfg.model_name_or_path} is "
+                                 "a text model (drop the option, or pass the VLM, e.g. runs/sft_vlm/adapter)")
     sets = {name: path for name, path in (("domain", cfg.domain_dataset_path), ("general", cfg.general_dataset_path),
                                            ("classification", cfg.classification_dataset_path)) if path}
     if not sets:
@@ -128,6 +142,8 @@ def build_items(records, fmt: str, kind: str, max_examples: int = 0) -> dict:
 
 
 def score(cfg: Config, model, tokenizer, items: dict, name: str) -> tuple[dict, list[dict]]:
+    if name == "image_chat":  # `tokenizer` is the VLM's processor
+        return score_image_chats(model, tokenizer, items[name], cfg.batch_size, cfg.max_new_tokens)
     classification = name == "classification"
     return score_set(model, tokenizer, items[name], classification, cfg.max_length, cfg.batch_size,
                      cfg.classification_max_new_tokens if classification else cfg.max_new_tokens)
@@ -138,12 +154,16 @@ def main(cfg: Config) -> dict:
         if str(getattr(cfg, key)).strip().lower() in ("", "none", "null"):
             setattr(cfg, key, None)  # the command line cannot say null: '' or none unsets an option
     run = Run(RECIPE, cfg, datasets=[cfg.domain_dataset_path, cfg.general_dataset_path, cfg.classification_dataset_path,
+                                     cfg.image_chat_dataset_path,
                                      *harness_eval.data_files(cfg.harness_tasks)])
     transformers.logging.set_verbosity_error()
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." per call
     sets, harness = validate(cfg)
     items = {}
     for name, path in sets.items():
+        if name == "image_chat":
+            items[name] = load_image_chats(path)[:cfg.max_examples or None]
+            continue
         records, fmt = load_dataset_file(path)
         items[name] = build_items(records, fmt, "classification" if name == "classification" else "reply",
                                   max(cfg.max_examples, 0))

@@ -56,7 +56,7 @@ class Config(RunOptions, LoraOptions):
     dataset_path: str = field(default=GENERATED, metadata={"help": f"image-chat .jsonl/.json ({{\"messages\", \"images\"}}; image paths relative to the file), or {GENERATED}: render the shapes set into <output_dir>/shapes"})
     eval_dataset_path: str | None = field(default=GENERATED, metadata={"help": f"held-out image chats: accuracy (first word of the reply == the answer) before and after; {GENERATED}: the generated held-out split; null: none"})
     shapes_train_examples: int = field(default=480, metadata={"help": "generated set: training image chats", "min": 1})
-    shapes_eval_examples: int = field(default=60, metadata={"help": "generated set: held-out image chats", "min": 1})
+    shapes_eval_examples: int = field(default=30, metadata={"help": "generated set: held-out image chats", "min": 1})
     method: str = field(default="lora", metadata={"help": "lora | qlora (the language model in 4-bit NF4 via bitsandbytes)"})
     train_vision_tower: bool = field(default=True, metadata={"help": "train the whole vision encoder (the default model's is random-init; false keeps a pretrained one frozen)"})
     train_projector: bool = field(default=True, metadata={"help": "train the vision -> text projector"})

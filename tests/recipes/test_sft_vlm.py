@@ -17,6 +17,7 @@ from tests.conftest import run
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "sft_vlm.py"
 MERGE = REPO / "recipes" / "merge_export.py"
+EVALUATE = REPO / "recipes" / "evaluate.py"
 TINY = ["--model_name_or_path", "asset:tiny_vlm", "--shapes_train_examples", "48", "--shapes_eval_examples", "6",
         "--max_steps", "16", "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", "100",
         "--per_device_train_batch_size", "4", "--lora_r", "4", "--sample_generations", "0"]
@@ -84,13 +85,38 @@ def test_merge_export_verifies_the_vlm_in_a_fresh_process(tiny_run, tmp_path):
     assert (out / "merged" / "processor_config.json").is_file()
 
 
+def test_evaluate_scores_the_vlm_adapter_like_the_recipe(tiny_run, tmp_path, monkeypatch, capsys):
+    """recipes/evaluate.py on the adapter: the held-out image chats' loss and accuracy the recipe reported after
+    training, and the base (adapter disabled) as it was before."""
+    out = tmp_path / "eval"
+    code, err = in_process(monkeypatch, capsys, EVALUATE, [
+        "--model_name_or_path", str(tiny_run / "adapter"), "--image_chat_dataset_path",
+        str(tiny_run / "shapes" / "heldout.jsonl"), "--output_dir", str(out), "--max_new_tokens", "6"])
+    assert code == 0, err[-2000:]
+    m, trained = json.loads((out / "metrics.json").read_text()), json.loads((tiny_run / "metrics.json").read_text())
+    assert list(m["results"]) == ["image_chat"]
+    assert m["results"]["image_chat"]["loss"] == pytest.approx(trained["eval_loss_after"], abs=1e-4)
+    assert m["baseline_results"]["image_chat"]["loss"] == pytest.approx(trained["eval_loss_before"], abs=1e-4)
+    assert m["results"]["image_chat"]["accuracy"] == trained["accuracy_after"]
+    assert m["deltas"]["image_chat"]["loss"] < 0
+
+
+def test_evaluate_refuses_image_chats_for_a_text_model(tmp_path, monkeypatch, capsys):
+    code, err = in_process(monkeypatch, capsys, EVALUATE, ["--model_name_or_path", "asset:tiny", "--output_dir",
+                                                           str(tmp_path / "e"), "--image_chat_dataset_path", "x.jsonl"])
+    assert code == 1 and "error: --image_chat_dataset_path needs a vision-language model; asset:tiny is a text model" in err
+
+
 def in_process(monkeypatch, capsys, script, argv):
     monkeypatch.setattr(sys, "argv", [str(script), *argv])
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(REPO)
-    with pytest.raises(SystemExit) as e:
+    try:
         runpy.run_path(str(script), run_name="__main__")
-    return e.value.code, capsys.readouterr().err
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 def test_gguf_for_a_vlm_is_refused_naming_why(tiny_run, tmp_path, monkeypatch, capsys):
