@@ -2,8 +2,9 @@
 
 -I keeps this repository off sys.path: only transformers' own from_pretrained loads each (folder, gguf_file)
 in TARGETS (JSON), as vLLM/TGI/users would. HF folders load in their saved dtype; a GGUF is dequantized to
-fp32. A vision-language folder (INPUTS with `images`) loads with AutoProcessor + AutoModelForImageTextToText. For each it writes the token ids of INPUTS' texts, the logits at the real positions, the dtype, the
-generation config's eos/pad ids and the chat template to OUT (torch.save); common/verify.py compares them.
+fp32; a vision-language folder (INPUTS with `images`) loads with AutoProcessor + AutoModelForImageTextToText. For each
+it writes the token ids of INPUTS' texts, the logits at the real positions, the dtype, the generation config's
+eos/pad ids and the chat template to OUT (torch.save); common/verify.py compares them.
 """
 import json
 import sys
