@@ -171,7 +171,7 @@ def check_gradient_flow(model, batch: dict[str, torch.Tensor]) -> int:
                 zero.append(name)
             else:
                 ok += 1
-        # top-k routing: an expert with no token in this batch gets no gradient; every expert that got one must
+        # top-k routing: an expert no token reaching the loss was sent to gets no gradient; every other one must
         starved = experts_without_gradient(model, router) if router.hits else []
         problems = []
         if no_grad:

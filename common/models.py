@@ -196,6 +196,8 @@ def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout
     `r` may be the recipe's LoraOptions (its Config): then every option, the variants included, comes from it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from common.moe import apply_lora_targets
+
     if quantized:
         # casts norms/head to fp32 for stability and turns on checkpointing (non-reentrant) if asked
         model = prepare_model_for_kbit_training(
@@ -203,8 +205,6 @@ def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from common.moe import apply_lora_targets
-
     if isinstance(r, LoraOptions):
         config = r.lora_config(quantized=quantized, loraplus_built=True, moe_resolved=True)
         targets, train_router = r.lora_targets, r.lora_train_router
