@@ -88,6 +88,9 @@ def check_lora_targets(model, target_modules: list[str] | str, train_router: boo
         got[leaf] = got.get(leaf, 0) + 1
     if layout is not None:  # the experts and the router were checked above; the Linear layers are checked here
         resolved = moe.resolve_lora_targets(model, target_modules, train_router)["target_modules"]
+        for t in resolved:
+            if "." in t:  # a dotted suffix such as shared_expert.gate_proj (peft matches names by suffix)
+                got[t] = sum(name.endswith(f".{t}") for name in lora_layers)
         wanted = {t: base_linears.get(t, 0) + got.get(t, 0) for t in resolved}
     elif target_modules == "all-linear":
         wanted = {k: v for k, v in base_linears.items() if k != "lm_head"}

@@ -76,6 +76,12 @@ def test_dense_targets_that_leave_the_experts_frozen_stop_with_the_fix(tiny_moe,
         check_lora_targets(model, opts.lora_targets)
 
 
+def test_qwen2_moe_shared_expert_alone_is_named_by_its_dotted_names(tiny_moe):
+    targets = ["q_proj", "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]
+    model, opts = lora_model(tiny_moe["qwen2_moe"], targets)
+    assert check_lora_targets(model, opts.lora_targets) == 2 * 4 and not moe.expert_lora_layers(model)
+
+
 def test_olmoe_dense_names_reach_the_experts_through_peft_and_pass(tiny_moe):
     model, opts = lora_model(tiny_moe["olmoe"], DENSE_DEFAULT)  # peft maps OLMoE's pre-fusion names onto the experts
     assert moe.check_expert_targets(model, opts.lora_targets)["expert_lora_modules"] == 4
