@@ -14,6 +14,7 @@ the asset once into `$FT_ASSETS_DIR` (default `<repo>/.assets`) and returns its 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib.util
 import json
 import logging
@@ -172,6 +173,16 @@ def build(name: str, output_dir: str | os.PathLike) -> Path:
     output_dir = Path(output_dir).resolve()
     if is_built(output_dir, name):
         log.info("asset %s already built in %s", name, output_dir)
+        return output_dir
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes asking at once (pytest -n 2, two recipes): one builds, the other waits and reuses it.
+    with open(output_dir.with_name(output_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(name, output_dir)
+
+
+def _build_locked(name: str, output_dir: Path) -> Path:
+    if is_built(output_dir, name):
         return output_dir
     if output_dir.exists() and any(output_dir.iterdir()):
         raise SystemExit(f"{output_dir} exists and does not hold a complete {name!r} asset; "

@@ -53,7 +53,8 @@ def plan_memory(cfg, device: torch.device, precision: str, optim: str, model_pat
              (("batch_size",) if batch_pinned else ())
     targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else ",".join(cfg.lora_target_modules)
     settings = Settings(method=cfg.method, lora_r=cfg.lora_r, lora_targets=targets, lora_dropout=cfg.lora_dropout,
-                        use_dora=cfg.use_dora, seq_len=cfg.max_length, batch_size=micro_batch,
+                        use_dora=cfg.use_dora, lora_train_router=getattr(cfg, "lora_train_router", False),
+                        seq_len=cfg.max_length, batch_size=micro_batch,
                         gradient_accumulation_steps=accumulation, optim=optim, dtype=precision,
                         grad_ckpt=given["gradient_checkpointing"], device=device.type)
     out = {"budget_gb": round(budget / GB, 2), "budget_source": source, "decided_by_planner": decides}

@@ -1,5 +1,6 @@
 """Shared fixtures: offline environment, the tiny model, and (built once) SmolLM2-135M-Instruct."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,21 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("FT_ASSETS_DIR", str(REPO / ".assets"))  # shared with the quickstart: SmolLM2 is built once
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+# pytest -n 2 (the default, pytest.ini): two workers share the cores, so each process uses one thread
+# instead of four threads fighting over two (OpenMP spin-waits make oversubscription slower than serial).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Launchers default to port 29500; each pytest-xdist worker gets its own so two torchrun tests never collide.
+os.environ.setdefault("MASTER_PORT", free_port())
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,7 @@ def merge_export(adapter, out):
                 str(out), "--gguf_type", "none", "--num_samples", "2"])
 
 
+@pytest.mark.slow  # recipe and merge-export processes, minutes on 2 cores; pytest -m slow
 def test_recipe_trains_with_dora_and_loraplus_resumes_and_merges(tiny_dir, tmp_path):
     import shutil
 
@@ -162,6 +163,7 @@ def test_recipe_trains_with_dora_and_loraplus_resumes_and_merges(tiny_dir, tmp_p
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow  # recipe and merge-export processes, minutes on 2 cores; pytest -m slow
 def test_recipe_pissa_adapter_reproduces_the_run_on_the_stock_base(tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
