@@ -32,15 +32,15 @@ def load_benchmark_module():
 @pytest.fixture(scope="module")
 def bench(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny"
-    proc = run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), *SMALL],
-               env={"OMP_NUM_THREADS": "1"})
+    proc = run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), *SMALL,
+                           "--contestants", "recipe", "trl_baseline", "trl_tuned"], env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, json.loads((out / "benchmark.json").read_text())
 
 
 def test_both_contestants_train_on_the_same_examples(bench, tiny_tokenizer):
     out, b = bench
-    assert set(b["contestants"]) == {"recipe", "trl_baseline"}
+    assert set(b["contestants"]) == {"recipe", "trl_baseline", "trl_tuned_unpacked", "trl_tuned_packed"}
     r, t = b["contestants"]["recipe"], b["contestants"]["trl_baseline"]
 
     # the examples file both were given: 8 chats of varying length, recounted here with the tiny tokenizer
@@ -68,6 +68,30 @@ def test_both_contestants_train_on_the_same_examples(bench, tiny_tokenizer):
     for m in (r, t):
         assert m["heldout_loss"] < b["data"]["heldout_loss_base"]  # both learned something on the same held-out set
         assert m["peak_memory_bytes"] > 0 and m["peak_memory_method"].startswith("process peak resident set size")
+
+
+def test_tuned_trl_runs_packed_and_unpacked_and_the_faster_one_counts(bench):
+    from common.models import cpu_has_bf16
+
+    out, b = bench
+    r = b["contestants"]["recipe"]
+    unpacked, packed = b["contestants"]["trl_tuned_unpacked"], b["contestants"]["trl_tuned_packed"]
+    for m in (unpacked, packed):
+        # the same tokens as the recipe, the loss on the same assistant tokens, no recompute, bf16 weights here
+        assert m["trained_tokens"] == r["trained_tokens"] and m["trained_labelled_tokens"] == r["trained_labelled_tokens"]
+        assert m["assistant_only_loss"] is True and m["gradient_checkpointing"] is False
+        assert m["precision"].startswith("bf16 weights" if cpu_has_bf16() else "fp32 weights")
+        assert m["hardware_flops"] == m["model_flops"] and m["heldout_loss"] < b["data"]["heldout_loss_base"]
+    assert unpacked["packing"] is False and unpacked["optimizer_steps"] == 2 and unpacked["micro_batches"] == 4
+    # BFD packs the 8 chats into at most as many 128-token rows, padding-free: the same tokens, no pad
+    assert packed["packing"] is True and packed["padding_free"] is True
+    assert 1 <= packed["micro_batches"] <= unpacked["micro_batches"]
+    goal = b["goals"]["speedup_vs_tuned"]
+    best = max((unpacked, packed), key=lambda m: m["assistant_tokens_per_second"])
+    assert goal["against"] == best["contestant"] and goal["goal"] == 3.5
+    assert goal["measured"] == pytest.approx(r["assistant_tokens_per_second"] / best["assistant_tokens_per_second"],
+                                             rel=1e-3)
+    assert any(v.startswith(f"speed-up recipe / the tuned TRL run ({best['contestant']}") for v in b["verdicts"])
 
 
 def test_mfu_and_speedup_follow_from_the_recorded_numbers(bench):
