@@ -19,6 +19,7 @@ echo "STUB $* HF_HUB_OFFLINE=$HF_HUB_OFFLINE TOKENIZERS_PARALLELISM=$TOKENIZERS_
 # launcher, the script it runs, its default config, whether it says that only the first GPU is used
 SINGLE_DEVICE = [
     ("memory_diet.sh", "recipes/sft_memory_diet.py", "recipes/configs/sft_memory_diet.yaml", True),
+    ("sft_vlm.sh", "recipes/sft_vlm.py", "recipes/configs/sft_vlm.yaml", True),
     ("dpo.sh", "recipes/dpo.py", "recipes/configs/dpo.yaml", True),
     ("ppo.sh", "recipes/ppo.py", "recipes/configs/ppo.yaml", True),
     ("reward_model.sh", "recipes/reward_model.py", "recipes/configs/reward_model.yaml", True),
