@@ -6,7 +6,8 @@ much of the machine does it use?". On the same model and the same variable-lengt
 
 - `recipe`        recipes/sft_memory_diet.py through its CLI, with its own defaults (the YAML);
 - `trl_baseline`  `trl_baseline()` below: SFTTrainer + SFTConfig with TRL's defaults, peft LoraConfig;
-- `recipe_qlora` / `trl_baseline_qlora`   the same with 4-bit NF4 base weights (optional).
+- `trl_tuned`     the same script tuned for speed (`tuned_sft_options`), run unpacked and packed; the faster counts;
+- `recipe_qlora` / `trl_baseline_qlora` / `trl_tuned_qlora`   the same with 4-bit NF4 base weights (optional).
 
 Each contestant runs in its own process (common.child; its own peak memory: VmHWM on CPU,
 torch.cuda.max_memory_allocated on GPU) and writes metrics.json in <output_dir>/<contestant>/, its output
@@ -72,7 +73,7 @@ class Config:
     num_examples: int = field(default=128, metadata={"help": "examples built (multi-turn chains of real conversations, variable length)"})
     max_conversations_per_example: int = field(default=12, metadata={"help": "longest chain of conversations in one built example"})
     output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "benchmark.json, benchmark.md, one folder per contestant"})
-    contestants: list[str] = field(default_factory=lambda: ["recipe", "trl_baseline"], metadata={"help": "recipe | recipe_qlora | trl_baseline | trl_baseline_qlora | trl_tuned | trl_tuned_qlora (tuned: packed and unpacked runs)"})
+    contestants: list[str] = field(default_factory=lambda: ["recipe", "trl_baseline", "trl_tuned"], metadata={"help": "recipe | recipe_qlora | trl_baseline | trl_baseline_qlora | trl_tuned | trl_tuned_qlora (tuned: packed and unpacked runs)"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (built examples never exceed it, so nothing is truncated)"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "micro-batch (TRL's default is 8)"})
     gradient_accumulation_steps: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})

@@ -84,7 +84,8 @@ def test_benchmark_llama8b_lora_bf16_and_qlora(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     b = json.loads((out / "benchmark.json").read_text())
     assert b["device_type"] == "cuda" and b["machine"] == torch.cuda.get_device_name(0)
-    assert set(b["contestants"]) == {"recipe", "recipe_qlora", "trl_baseline"}
+    assert set(b["contestants"]) == {"recipe", "recipe_qlora", "trl_baseline", "trl_tuned_unpacked",
+                                     "trl_tuned_packed", "trl_tuned_unpacked_qlora", "trl_tuned_packed_qlora"}
     layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336  # q, o, k, v (8 KV heads), gate, up, down
     assert b["flop_counts"]["matmul_params"] == 32 * layer + 4096 * 128256  # + lm_head
     for name, m in b["contestants"].items():
