@@ -98,6 +98,9 @@ def main(cfg: Config, args: TrainingArguments) -> dict:
     if files:
         train_chats = load_image_chats(files["train"], cfg.max_image_pixels)
         eval_chats = load_image_chats(files["eval"], cfg.max_image_pixels) if files["eval"] not in (None, GENERATED) else []
+        if files["eval"] == GENERATED:
+            run.log.warning("--eval_dataset_path %s goes with the generated training set; no held-out set for %s "
+                            "(pass --eval_dataset_path FILE)", GENERATED, files["train"])
     resume_from = run.open()
     if generated:  # rendered into the run directory (the same seed draws the same set on resume)
         size = processor.image_processor.size["height"]

@@ -161,7 +161,9 @@ def test_smollm2_default_learns_the_shapes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["accuracy_after"] >= m["accuracy_before"] + 0.3, (m["accuracy_before"], m["accuracy_after"])
-    assert m["accuracy_by_kind_after"]["colour"] >= 0.8
+    # beyond chance per kind (colour 1/4, shape 1/3, count 1/3): the image is read, not only the answer format
+    after = m["accuracy_by_kind_after"]
+    assert after["colour"] >= 0.6 and after["shape"] >= 0.6 and after["count"] >= 0.6, after
 
 
 @pytest.mark.gpu
