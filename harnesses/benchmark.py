@@ -7,7 +7,8 @@ much of the machine does it use?". On the same model and the same variable-lengt
 - `recipe`        recipes/sft_memory_diet.py through its CLI, with its own defaults (the YAML);
 - `trl_baseline`  `trl_baseline()` below: SFTTrainer + SFTConfig with TRL's defaults, peft LoraConfig;
 - `trl_tuned`     the same script tuned for speed (`tuned_sft_options`), run unpacked and packed; the faster counts;
-- `recipe_qlora` / `trl_baseline_qlora` / `trl_tuned_qlora`   the same with 4-bit NF4 base weights (optional).
+- `recipe_qlora` / `trl_baseline_qlora` / `trl_tuned_qlora`   the same with 4-bit NF4 base weights (optional);
+- `recipe_at_peer_memory`   the recipe with --memory_budget_gb at trl_baseline's measured peak (list it after that).
 
 Each contestant runs in its own process (common.child; its own peak memory: VmHWM on CPU,
 torch.cuda.max_memory_allocated on GPU) and writes metrics.json in <output_dir>/<contestant>/, its output
@@ -54,7 +55,9 @@ from common.run_files import PeakMemory, device_name, now, write_json, write_man
 RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
 log = logging.getLogger(RECIPE)
 REPO = Path(__file__).resolve().parent.parent
-CONTESTANTS = ("recipe", "recipe_qlora", "trl_baseline", "trl_baseline_qlora", "trl_tuned", "trl_tuned_qlora")
+CONTESTANTS = ("recipe", "recipe_qlora", "trl_baseline", "trl_baseline_qlora", "trl_tuned", "trl_tuned_qlora",
+               "recipe_at_peer_memory")
+PEER = "trl_baseline"  # recipe_at_peer_memory runs with --memory_budget_gb at this contestant's measured peak
 TUNED_VARIANTS = ("unpacked", "packed")  # trl_tuned runs both; the faster one counts
 
 # Real chat data shipped in this repo: each record becomes one conversation (preference records: prompt + chosen).
@@ -73,7 +76,7 @@ class Config:
     num_examples: int = field(default=128, metadata={"help": "examples built (multi-turn chains of real conversations, variable length)"})
     max_conversations_per_example: int = field(default=12, metadata={"help": "longest chain of conversations in one built example"})
     output_dir: str = field(default=f"runs/{RECIPE}", metadata={"help": "benchmark.json, benchmark.md, one folder per contestant"})
-    contestants: list[str] = field(default_factory=lambda: ["recipe", "trl_baseline", "trl_tuned"], metadata={"help": "recipe | recipe_qlora | trl_baseline | trl_baseline_qlora | trl_tuned | trl_tuned_qlora (tuned: packed and unpacked runs)"})
+    contestants: list[str] = field(default_factory=lambda: ["recipe", "trl_baseline", "trl_tuned", "recipe_at_peer_memory"], metadata={"help": "recipe | recipe_qlora | trl_baseline | trl_baseline_qlora | trl_tuned | trl_tuned_qlora (tuned: packed and unpacked runs) | recipe_at_peer_memory (after trl_baseline)"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (built examples never exceed it, so nothing is truncated)"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "micro-batch (TRL's default is 8)"})
     gradient_accumulation_steps: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
@@ -89,6 +92,7 @@ class Config:
     matmul_repeats: int = field(default=10, metadata={"help": "timed matmuls per probe; the best one counts"})
     goal_speedup: float = field(default=1.5, metadata={"help": "goal: recipe / TRL trained labelled (assistant) tokens per second"})
     goal_speedup_tuned: float = field(default=3.5, metadata={"help": "goal: recipe / the faster trl_tuned variant, trained assistant tokens per second"})
+    goal_speedup_at_peer_memory: float = field(default=2.0, metadata={"help": "goal: recipe_at_peer_memory / the faster trl_tuned variant, assistant tokens per second"})
     goal_mfu: float = field(default=0.5, metadata={"help": "goal: model FLOPs utilisation of the `recipe` contestant"})
     equal_loss_tolerance: float = field(default=0.02, metadata={"help": "'equal loss': recipe held-out loss <= TRL's x (1 + this)"})
 
@@ -399,8 +403,9 @@ def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_fi
     return cmd + shlex.split(cfg.recipe_args)
 
 
-def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path) -> dict:
-    metrics = run_contestant(name, recipe_command(cfg, name, model, train_file, eval_file, out), out)
+def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path,
+               extra: list[str] = ()) -> dict:
+    metrics = run_contestant(name, recipe_command(cfg, name, model, train_file, eval_file, out) + list(extra), out)
     config = json.loads((out / "manifest.json").read_text())["config"]
     metrics.setdefault("gradient_checkpointing", config.get("gradient_checkpointing"))
     metrics["recipe_config"] = config
@@ -551,6 +556,10 @@ def main(cfg: Config) -> dict:
     unknown = [c for c in cfg.contestants if c not in CONTESTANTS]
     if unknown or not cfg.contestants or len(set(cfg.contestants)) != len(cfg.contestants):
         raise checks.CheckFailed(f"--contestants {' '.join(cfg.contestants)}: choose distinct names from {', '.join(CONTESTANTS)}")
+    if "recipe_at_peer_memory" in cfg.contestants and (PEER not in cfg.contestants or cfg.contestants.index(PEER)
+                                                       > cfg.contestants.index("recipe_at_peer_memory")):
+        raise checks.CheckFailed(f"--contestants: recipe_at_peer_memory takes its memory budget from {PEER}'s "
+                                 f"measured peak; list {PEER} before it")
     if cfg.num_examples < 1 or cfg.num_train_epochs < 1:
         raise checks.CheckFailed("--num_examples and --num_train_epochs must be at least 1")
     output_dir = Path(cfg.output_dir).resolve()
@@ -588,9 +597,14 @@ def main(cfg: Config) -> dict:
     log.info("matmul peak: %.0f GFLOP/s bf16, %.0f GFLOP/s fp32", peaks[0]["bf16"] / 1e9, peaks[0]["fp32"] / 1e9)
     results = {}
     for name in [run for c in cfg.contestants for run in contestant_runs(c)]:
-        runner = run_recipe if name.startswith("recipe") else run_trl
         log.info("contestant %s ...", name)
-        results[name] = runner(cfg, name, model_path, train_file, eval_file, output_dir / name)
+        args = (cfg, name, model_path, train_file, eval_file, output_dir / name)
+        if name == "recipe_at_peer_memory":
+            budget_gb = results[PEER]["peak_memory_bytes"] / 2**30
+            results[name] = run_recipe(*args, extra=["--memory_budget_gb", f"{budget_gb:.3f}"])
+            results[name]["memory_budget_gb"] = round(budget_gb, 3)
+        else:
+            results[name] = (run_recipe if name.startswith("recipe") else run_trl)(*args)
         log.info("%s: %.1f s training, %.1f tokens/s", name, results[name]["train_seconds"],
                  results[name]["tokens_per_second"])
     peaks.append(probe_peaks(cfg, device))
@@ -630,6 +644,21 @@ def main(cfg: Config) -> dict:
         goals["speedup_vs_tuned"] = speedup_goal(cfg, results["recipe"], results[best], cfg.goal_speedup_tuned,
                                                  f"the tuned TRL run ({best}, the faster variant)", verdicts)
         goals["speedup_vs_tuned"]["against"] = best
+    if "recipe_at_peer_memory" in results:
+        m = results["recipe_at_peer_memory"]
+        fits = m["peak_memory_bytes"] <= m["memory_budget_gb"] * 2**30
+        goal = {"budget_gb": m["memory_budget_gb"], "peak_gb": round(m["peak_memory_bytes"] / 2**30, 3), "fits": fits}
+        if tuned:
+            best = max(tuned, key=lambda n: results[n]["assistant_tokens_per_second"])
+            goal.update(speedup_goal(cfg, m, results[best], cfg.goal_speedup_at_peer_memory,
+                                     f"the tuned TRL run ({best}) with the recipe at {PEER}'s peak memory", verdicts),
+                        against=best)
+            goal["met"] = goal["met"] and fits
+        else:
+            goal["met"] = fits
+        goals["at_peer_memory"] = goal
+        verdicts.append(f"recipe at {PEER}'s peak ({goal['budget_gb']:.2f} GiB budget): peak {goal['peak_gb']:.2f} "
+                        f"GiB, {'fits' if fits else 'does NOT fit'}")
     if "recipe" in results and "trl_baseline" in results:
         r, t = results["recipe"], results["trl_baseline"]
         goals["speedup"] = speedup_goal(cfg, r, t, cfg.goal_speedup, "TRL baseline", verdicts)

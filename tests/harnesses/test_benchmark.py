@@ -33,14 +33,15 @@ def load_benchmark_module():
 def bench(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny"
     proc = run(LAUNCHER + ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), *SMALL,
-                           "--contestants", "recipe", "trl_baseline", "trl_tuned"], env={"OMP_NUM_THREADS": "1"})
+                           "--contestants", "recipe", "trl_baseline", "trl_tuned", "recipe_at_peer_memory"], env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, json.loads((out / "benchmark.json").read_text())
 
 
 def test_both_contestants_train_on_the_same_examples(bench, tiny_tokenizer):
     out, b = bench
-    assert set(b["contestants"]) == {"recipe", "trl_baseline", "trl_tuned_unpacked", "trl_tuned_packed"}
+    assert set(b["contestants"]) == {"recipe", "trl_baseline", "trl_tuned_unpacked", "trl_tuned_packed",
+                                     "recipe_at_peer_memory"}
     r, t = b["contestants"]["recipe"], b["contestants"]["trl_baseline"]
 
     # the examples file both were given: 8 chats of varying length, recounted here with the tiny tokenizer
@@ -92,6 +93,21 @@ def test_tuned_trl_runs_packed_and_unpacked_and_the_faster_one_counts(bench):
     assert goal["measured"] == pytest.approx(r["assistant_tokens_per_second"] / best["assistant_tokens_per_second"],
                                              rel=1e-3)
     assert any(v.startswith(f"speed-up recipe / the tuned TRL run ({best['contestant']}") for v in b["verdicts"])
+
+
+def test_recipe_at_the_peers_peak_gets_that_budget_and_is_judged_against_it(bench):
+    out, b = bench
+    m, peer = b["contestants"]["recipe_at_peer_memory"], b["contestants"]["trl_baseline"]
+    budget = round(peer["peak_memory_bytes"] / 2**30, 3)
+    assert m["memory_budget_gb"] == budget and m["recipe_config"]["memory_budget_gb"] == pytest.approx(budget, abs=1e-3)
+    goal = b["goals"]["at_peer_memory"]
+    assert goal["fits"] == (m["peak_memory_bytes"] <= budget * 2**30) and goal["goal"] == 2.0
+    assert goal["met"] == (goal["fits"] and goal["measured"] >= 2.0 and goal["equal_loss"])
+    assert m["trained_tokens"] == b["contestants"]["recipe"]["trained_tokens"]
+    proc = run(LAUNCHER + ["--contestants", "recipe_at_peer_memory", "trl_baseline", "--output_dir",
+                           str(out.parent / "order")])
+    assert proc.returncode == 1 and "list trl_baseline before it" in proc.stderr
+    assert not (out.parent / "order").exists()
 
 
 def test_mfu_and_speedup_follow_from_the_recorded_numbers(bench):
