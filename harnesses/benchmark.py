@@ -93,6 +93,7 @@ class Config:
     goal_speedup: float = field(default=1.5, metadata={"help": "goal: recipe / TRL trained labelled (assistant) tokens per second"})
     goal_speedup_tuned: float = field(default=3.5, metadata={"help": "goal: recipe / the faster trl_tuned variant, trained assistant tokens per second"})
     goal_speedup_at_peer_memory: float = field(default=2.0, metadata={"help": "goal: recipe_at_peer_memory / the faster trl_tuned variant, assistant tokens per second"})
+    goal_mfu_vs_shape_ceiling: float = field(default=0.8, metadata={"help": "goal: the recipe's achieved FLOP/s / the rate of the model's own matmul shapes at its micro-batch"})
     goal_mfu: float = field(default=0.5, metadata={"help": "goal: model FLOPs utilisation of the `recipe` contestant"})
     equal_loss_tolerance: float = field(default=0.02, metadata={"help": "'equal loss': recipe held-out loss <= TRL's x (1 + this)"})
 
@@ -179,6 +180,48 @@ def matmul_peak(dtype: torch.dtype, size: int, repeats: int, device: torch.devic
         best = min(best, time.perf_counter() - start)
     del a, b
     return 2 * size**3 / best
+
+
+def shape_ceiling(config, tokens: int, head_tokens: int, lora_r: int, targets: list[str], dtype: torch.dtype,
+                  repeats: int, device: torch.device) -> dict:
+    """FLOP/s this model's own LoRA-training matmuls reach at the run's micro-batch (`tokens` rows; the LM head at
+    `head_tokens` labelled rows): per Linear the forward x @ W^T and the input gradient dy @ W, on LoRA targets
+    also x @ A^T, h @ B^T, the two input gradients and the A/B weight gradients. Total FLOPs over total best
+    times: the ceiling the square-matmul peak hides (skinny rank-r and small-width matmuls run far below it)."""
+    def best_seconds(a, b):
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        a.matmul(b)
+        sync()
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a.matmul(b)
+            sync()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    flops = seconds = 0.0
+    groups: dict[tuple, int] = {}
+    for name, (i, o) in linear_shapes(config).items():
+        key = (i, o, name.split(".")[-1] in targets, name == "lm_head")
+        groups[key] = groups.get(key, 0) + 1
+    for (i, o, lora, head), count in groups.items():
+        t = head_tokens if head else tokens
+        w = rand(o, i)
+        ops = [(rand(t, i), w.t()), (rand(t, o), w)]  # forward, input gradient
+        if lora:
+            a, b = rand(lora_r, i), rand(o, lora_r)
+            ops += [(rand(t, i), a.t()), (rand(t, lora_r), b.t()),          # forward through A, then B
+                    (rand(t, o), b), (rand(o, t), rand(t, lora_r)),          # grad into h, grad of B
+                    (rand(t, lora_r), a), (rand(lora_r, t), rand(t, i))]     # grad into x, grad of A
+        for x, y in ops:
+            flops += count * 2 * x.shape[0] * x.shape[1] * y.shape[1]
+            seconds += count * best_seconds(x, y)
+    return {"flops_per_second": flops / seconds, "flops": flops, "seconds": seconds, "tokens": tokens, "head_tokens": head_tokens,
+            "dtype": str(dtype).replace("torch.", ""), "distinct_shapes": len(groups)}
 
 
 def probe_peaks(cfg: Config, device: torch.device) -> dict:
@@ -534,13 +577,14 @@ def markdown(result: dict) -> str:
              f"{result['config']['gradient_accumulation_steps']}, LoRA r={result['config']['lora_r']} on "
              f"{len(result['config']['lora_target_modules'])} projections.", "",
              "| contestant | precision | grad. ckpt | steps | train s | tokens/s (non-pad) | assistant tokens/s | "
-             "loss tokens | peak memory | final train loss | held-out loss | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "loss tokens | peak memory | final train loss | held-out loss | MFU | of shape ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         lines.append(f"| {name} | {m['precision']} | {m['gradient_checkpointing']} | {m['optimizer_steps']} | "
                      f"{m['train_seconds']:.1f} | {m['tokens_per_second']:,.0f} | {m['assistant_tokens_per_second']:,.0f} | "
                      f"{m['trained_labelled_tokens']:,} | {fmt_bytes(m['peak_memory_bytes'])} | "
-                     f"{m['final_train_loss']:.3f} | {m['heldout_loss']:.3f} | {100 * m['mfu']:.1f}% |")
+                     f"{m['final_train_loss']:.3f} | {m['heldout_loss']:.3f} | {100 * m['mfu']:.1f}% | "
+                     f"{100 * m['mfu_vs_shape_ceiling']:.1f}% |")
     lines.append("")
     for line in result["verdicts"]:
         lines.append(f"- {line}")
@@ -637,6 +681,14 @@ def main(cfg: Config) -> dict:
         m["hfu"] = flops["hardware_flops"] / m["train_seconds"] / peak["bf16"]
         m["mfu_vs_fp32_peak"] = m["achieved_flops_per_second"] / peak["fp32"]
 
+    # the ceiling of this model's own matmul shapes at the recipe's micro-batch, in the recipe's precision
+    rows = cfg.per_device_train_batch_size
+    dtype = torch.bfloat16 if results.get("recipe", {}).get("precision", "bf16") == "bf16" else torch.float32
+    ceiling = shape_ceiling(model_config, round(rows * data["tokens"] / data["examples"]),
+                            round(rows * data["assistant_tokens"] / data["examples"]), cfg.lora_r,
+                            cfg.lora_target_modules, dtype, cfg.matmul_repeats, device)
+    for m in results.values():
+        m["mfu_vs_shape_ceiling"] = m["achieved_flops_per_second"] / ceiling["flops_per_second"]
     verdicts, goals = [], {}
     tuned = [n for n in results if n.startswith("trl_tuned") and not n.endswith("qlora")]
     if "recipe" in results and tuned:
@@ -670,6 +722,14 @@ def main(cfg: Config) -> dict:
         goals["mfu"] = {"measured": round(mfu, 4), "goal": cfg.goal_mfu, "met": mfu >= cfg.goal_mfu}
         verdicts.append(f"MFU of the recipe: {100 * mfu:.1f}% of the measured bf16 matmul peak (goal "
                         f"{100 * cfg.goal_mfu:.0f}%): {'met' if goals['mfu']['met'] else 'NOT met'}")
+    if "recipe" in results:
+        ratio = results["recipe"]["mfu_vs_shape_ceiling"]
+        goals["mfu_vs_shape_ceiling"] = {"measured": round(ratio, 4), "goal": cfg.goal_mfu_vs_shape_ceiling,
+                                         "met": ratio >= cfg.goal_mfu_vs_shape_ceiling}
+        verdicts.append(f"the recipe reached {100 * ratio:.1f}% of this model's own matmul shapes' rate "
+                        f"({ceiling['flops_per_second'] / 1e9:,.0f} GFLOP/s {ceiling['dtype']} at {ceiling['tokens']} "
+                        f"tokens per micro-batch; goal {100 * cfg.goal_mfu_vs_shape_ceiling:.0f}%): "
+                        f"{'met' if goals['mfu_vs_shape_ceiling']['met'] else 'NOT met'}")
     if "recipe_qlora" in results:
         verdicts.append(f"MFU of the recipe with QLoRA: {100 * results['recipe_qlora']['mfu']:.1f}%")
 
@@ -677,7 +737,7 @@ def main(cfg: Config) -> dict:
         "machine": device_name(device) if device.type == "cuda" else f"{cpu_model()}, {device_name(device)}",
         "device_type": device.type, "torch_threads": torch.get_num_threads(), "model": model_path,
         "model_config": cfg.model_config, "config": asdict(cfg), "data": data,
-        "peak_flops": peak, "peak_probes": peaks, "flop_counts": counts,
+        "peak_flops": peak, "peak_probes": peaks, "shape_ceiling": ceiling, "flop_counts": counts,
         "mfu_definition": "model FLOPs (no gradient-checkpointing recompute) per second of train_seconds / "
                           "the bf16 matmul peak; tokens = all non-pad tokens trained (prompt tokens cost compute too), "
                           "except the LM head, counted only at the positions the loss is taken at (each "

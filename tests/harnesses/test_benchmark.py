@@ -132,6 +132,29 @@ def test_mfu_and_speedup_follow_from_the_recorded_numbers(bench):
     assert "cpu (" in b["machine"] and b["device_type"] == "cpu"
 
 
+def test_mfu_against_the_models_own_matmul_shapes(bench, tiny_dir):
+    """The shape ceiling times exactly the matmuls the FLOP count credits per micro-batch (forward, input gradient,
+    LoRA A/B and their gradients; the LM head at the labelled rows), and each MFU against it follows."""
+    from transformers import AutoConfig
+
+    out, b = bench
+    bench_module = load_benchmark_module()
+    ceiling = b["shape_ceiling"]
+    rows = b["config"]["per_device_train_batch_size"]
+    assert ceiling["tokens"] == round(rows * b["data"]["tokens"] / b["data"]["examples"])
+    assert ceiling["head_tokens"] == round(rows * b["data"]["assistant_tokens"] / b["data"]["examples"])
+    counts = bench_module.model_flop_counts(AutoConfig.from_pretrained(tiny_dir), "lora", 16, TARGETS)
+    linear = bench_module.training_flops(counts, ceiling["tokens"], 0, "lora", head_tokens=ceiling["head_tokens"])
+    assert ceiling["flops"] == linear["linear_flops"]
+    assert ceiling["flops_per_second"] == pytest.approx(ceiling["flops"] / ceiling["seconds"])
+    for name, m in b["contestants"].items():
+        assert m["mfu_vs_shape_ceiling"] == pytest.approx(m["achieved_flops_per_second"] / ceiling["flops_per_second"])
+    goal = b["goals"]["mfu_vs_shape_ceiling"]
+    assert goal["goal"] == 0.8 and goal["measured"] == pytest.approx(b["contestants"]["recipe"]["mfu_vs_shape_ceiling"],
+                                                                      abs=1e-4)
+    assert "of shape ceiling" in (out / "benchmark.md").read_text()
+
+
 def test_flop_counts_match_a_hand_count_for_the_tiny_config(tiny_dir):
     from transformers import AutoConfig
 
