@@ -10,6 +10,7 @@ import torch
 from common import memory, moe
 from common.memory import Settings, inspect_model, load_config, plan
 from conftest import REPO, run
+from test_memory import _saved_bytes  # the autograd saved-tensor count the dense model is checked with
 
 CONFIGS = REPO / "tests" / "fixtures" / "configs"
 MIXTRAL = str(CONFIGS / "mixtral-8x7b-v0.1.json")
@@ -115,22 +116,6 @@ def test_cli_reports_moe_and_keeps_the_dense_contract(capsys):
 # ---------------------------------------------------------------------------------------------
 # The MoE activation model against the tensors autograd saves (tiny random models, 2 x 32 tokens)
 # ---------------------------------------------------------------------------------------------
-def _saved_bytes(model, batch, autocast):
-    params = {p.data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            storage = t.untyped_storage()
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**batch)
-    return sum(seen.values())
-
-
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
