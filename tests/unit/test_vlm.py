@@ -225,3 +225,20 @@ def test_trainable_parts_follow_the_options(vlm_dir, tower, projector, vision_lo
         assert vision and all(".lora_" in n for n in vision)
     else:
         assert not vision
+
+
+def test_qlora_quantizes_the_language_model_only_and_the_tower_trains(vlm_dir):
+    """CHRONICLES 93: skip names must be full prefixes (transformers 5 matches from the start of the module name);
+    "vision_tower" alone quantized the tower and get_peft_model failed on its uint8 weights."""
+    import bitsandbytes as bnb
+
+    from common.models import LoraOptions
+    from common.vlm import attach_vlm_lora, load_vlm
+
+    base = load_vlm(vlm_dir, torch.device("cpu"), "fp32", quantize_4bit=True)
+    four_bit = {n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit and all(".language_model." in n for n in four_bit)
+    assert not any(n.startswith(("model.vision_tower", "model.multi_modal_projector", "lm_head")) for n in four_bit)
+    model = attach_vlm_lora(base, LoraOptions(lora_r=4), True, True, False, quantized=True)
+    tower = [p for n, p in model.named_parameters() if ".vision_tower." in n and p.requires_grad]
+    assert tower and all(p.dtype == torch.float32 for p in tower)
