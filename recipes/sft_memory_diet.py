@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, TrainingArguments  # noqa: E402
 from common import checks  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.collator import tokenize_sft  # noqa: E402
+from common.compile import plan_compile  # noqa: E402
 from common.data import check_control_tokens, load_sft_data, sft_items  # noqa: E402
 from common.fast_path import BATCH_OPTIONS, choose_fast_path  # noqa: E402
 from common.models import LoraOptions, attach_lora, load_base_model, save_adapter  # noqa: E402
@@ -59,6 +60,7 @@ class Config(RunOptions, LoraOptions):
     packing: str = field(default="auto", metadata={"help": "auto | true | false: padding-free batches (position_ids restart per example). auto: where attention keeps packed examples apart"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | sdpa_packed | eager | flash_attention_2"})
     use_liger_kernel: str = field(default="auto", metadata={"help": "auto | true | false: Liger's fused Triton kernels (CUDA only)"})
+    torch_compile: str = field(default="auto", metadata={"help": "auto | true | false: inductor on each decoder layer. auto: when the planned steps pay for the compile (common/compile.py)"})
     labelled_logits_only: bool = field(default=True, metadata={"help": "LM head and loss only where a label follows (same loss, less work)"})
     profile_steps: int = field(default=0, metadata={"help": "N > 0: torch.profiler over optimizer steps 2..N+1 into <output_dir>/profile.txt"})
     sample_generations: int = field(default=6, metadata={"help": "held-out prompts printed before/after training"})
@@ -106,6 +108,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     # ---- fast by default: packing, memory plan (checkpointing, micro-batch), kernels ----------------
     batch_pinned = user_options is None or bool(user_options & set(BATCH_OPTIONS))
     fast = choose_fast_path(cfg, args, device, precision, model_path, tokenizer.pad_token_id, batch_pinned)
+    compiler = plan_compile(cfg.torch_compile, args, device, cfg.method == "qlora", model_path)  # decided in training
 
     # the run directory is locked only now: a data, template or plan error above leaves it as it was
     resume_from = run.open()
@@ -126,7 +129,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     # ---- trainer -----------------------------------------------------------------------------------
     args = run.library_args(
         args, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, optim=fast.optim,
-        use_liger_kernel=fast.liger, remove_unused_columns=False, prediction_loss_only=True,
+        use_liger_kernel=fast.liger, remove_unused_columns=False, prediction_loss_only=True, **compiler.library_args,
         per_device_eval_batch_size=max(args.per_device_eval_batch_size, micro),
         eval_strategy=args.eval_strategy if eval_features else "no",
         # packed batches have no padding; "non_padding" would miss every EOS when pad == EOS (SmolLM2)
@@ -134,8 +137,8 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
         train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random")
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=train_features,
                                    eval_dataset=eval_features or None, data_collator=fast.collator,
-                                   processing_class=tokenizer,
-                                   callbacks=run.callbacks(("trained_tokens", "trained_labelled_tokens", "trained_positions")))
+                                   processing_class=tokenizer, callbacks=[compiler, *run.callbacks(
+                                       ("trained_tokens", "trained_labelled_tokens", "trained_positions"))])
     run.bind(trainer)
     report_to_sweep_trial(trainer)  # a trial of harnesses/sweep.py: eval_loss to its Optuna trial, stop if pruned
     trainer.labelled_logits_only = cfg.labelled_logits_only
@@ -202,6 +205,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
         "gradient_checkpointing": fast.gradient_checkpointing, "liger_kernel": fast.liger,
         "memory_plan": fast.plan, "allocator_tuned": fast.allocator_tuned, "truncation": truncation.as_dict(),
         "optimizer": fast.optim, **({"moe": router.metrics()} if router.layout else {}),
+        "torch_compile": compiler.report(),
         "labelled_logits_only": bool(trainer.labelled_logits_only and not fast.liger and accepts_logits_to_keep(model)),
     }
     for key in ("eval_loss_before", "eval_loss_after"):
