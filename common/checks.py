@@ -297,6 +297,20 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def busy_cpu_warning(device: torch.device) -> str | None:
+    """On a CPU whose cores other jobs already fill (1-minute load average >= the cores this process may use), a
+    run with several OpenMP threads spends its steps with threads waiting on a partner that is descheduled:
+    measured here 10-20x slower than one thread (CHRONICLES 96). Returns the warning, or None."""
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        return None
+    cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    if load < cores:
+        return None
+    return (f"the CPU is busy before this run starts (load average {load:.1f} on {cores} cores) and it uses "
+            f"{torch.get_num_threads()} OpenMP threads: with other jobs on the cores its steps can be 10-20x slower "
+            "(CHRONICLES 96). Run it alone, or give each job one thread (OMP_NUM_THREADS=1)")
+
+
 def check_world_size(expected: int) -> int:
     """The number of processes that actually started equals what the job asked for."""
     actual = int(os.environ.get("WORLD_SIZE", "1"))

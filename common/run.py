@@ -98,6 +98,8 @@ class Run:
             for name in version_drift():
                 self.log.warning("version drift from requirements.txt: %s", name)
         self.device = checks.resolve_device(getattr(cfg, "device", "auto"))
+        if main_process and (busy := checks.busy_cpu_warning(self.device)):
+            self.log.warning(busy)
         # a recipe without a precision option (merge_export: always fp32, then --dtype) resolves none
         self.precision = resolve_precision(cfg.precision, self.device) if hasattr(cfg, "precision") else None
         self.memory: PeakMemory | None = None

@@ -20,7 +20,8 @@ MERGE = REPO / "recipes" / "merge_export.py"
 EVALUATE = REPO / "recipes" / "evaluate.py"
 TINY = ["--model_name_or_path", "asset:tiny_vlm", "--shapes_train_examples", "48", "--shapes_eval_examples", "6",
         "--max_steps", "16", "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", "100",
-        "--per_device_train_batch_size", "4", "--lora_r", "4", "--sample_generations", "0"]
+        "--per_device_train_batch_size", "4", "--lora_r", "4", "--sample_generations", "0",
+        "--train_vision_tower", "true"]  # the tiny VLM's tower is random-init (the default, false, is for a pretrained one)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,10 @@ def test_evaluate_scores_the_vlm_adapter_like_the_recipe(tiny_run, tmp_path, mon
     assert code == 0, err[-2000:]
     m, trained = json.loads((out / "metrics.json").read_text()), json.loads((tiny_run / "metrics.json").read_text())
     assert list(m["results"]) == ["image_chat"]
-    assert m["results"]["image_chat"]["loss"] == pytest.approx(trained["eval_loss_after"], abs=1e-4)
-    assert m["baseline_results"]["image_chat"]["loss"] == pytest.approx(trained["eval_loss_before"], abs=1e-4)
+    # evaluate.py computes in fp32; the recipe scored under bf16 autocast where the CPU has bf16 (about 2e-4 apart)
+    tol = 1e-4 if trained["precision"] == "fp32" else 2e-3
+    assert m["results"]["image_chat"]["loss"] == pytest.approx(trained["eval_loss_after"], abs=tol)
+    assert m["baseline_results"]["image_chat"]["loss"] == pytest.approx(trained["eval_loss_before"], abs=tol)
     assert m["results"]["image_chat"]["accuracy"] == trained["accuracy_after"]
     assert m["deltas"]["image_chat"]["loss"] < 0
 
@@ -160,10 +163,12 @@ def test_smollm2_default_learns_the_shapes(tmp_path):
                 str(tmp_path / "run")], timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["accuracy_after"] >= m["accuracy_before"] + 0.3, (m["accuracy_before"], m["accuracy_after"])
+    assert m["accuracy_after"] >= m["accuracy_before"] + 0.5, (m["accuracy_before"], m["accuracy_after"])
     # beyond chance per kind (colour 1/4, shape 1/3, count 1/3): the image is read, not only the answer format
     after = m["accuracy_by_kind_after"]
-    assert after["colour"] >= 0.6 and after["shape"] >= 0.6 and after["count"] >= 0.6, after
+    assert after["colour"] >= 0.8 and after["shape"] >= 0.6 and after["count"] >= 0.5, after
+    # and the loss depends on the image: other chats' images cost far more than the right ones (CHRONICLES 95)
+    assert m["eval_loss_other_images_after"] > m["eval_loss_after"] + 0.5, m
 
 
 @pytest.mark.gpu

@@ -55,6 +55,20 @@ def test_build_refuses_a_foreign_non_empty_dir(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_an_older_version_of_the_same_asset_is_rebuilt_in_place(tmp_path, monkeypatch):
+    """A cached folder from an earlier repo version (asset.json names the asset with another version) is rebuilt
+    and swapped in, not refused as foreign and not silently reused."""
+    out = assets.build("tiny", tmp_path / "t")
+    marker = json.loads((out / "asset.json").read_text())
+    monkeypatch.setitem(assets.ASSET_VERSIONS, "tiny", marker["version"] + 1)
+    (out / "stale.txt").write_text("from the old build")
+    assert not assets.is_built(out, "tiny")
+    assert assets.build("tiny", out) == out
+    assert json.loads((out / "asset.json").read_text())["version"] == marker["version"] + 1
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["t"] or sorted(p.name for p in tmp_path.iterdir()) == ["t", "t.lock"]
+
+
 def test_cli_builds_tiny(tmp_path):
     out = run([sys.executable, "-m", "common.assets", "tiny", "--output_dir", str(tmp_path / "t")])
     assert out.returncode == 0, out.stderr[-2000:]

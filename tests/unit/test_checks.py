@@ -253,3 +253,18 @@ def test_peak_rss_is_this_process_not_the_parent_that_started_it():
     assert seen["ru_maxrss"] >= 600 * 2**20       # inherited from this process
     assert seen["ours"] < 300 * 2**20             # the child's own peak: an interpreter, a few tens of MB
     del ballast
+
+
+def test_busy_cpu_warning_names_the_load_and_the_fix(monkeypatch):
+    """CHRONICLES 96: several OpenMP threads on cores other jobs fill ran 10-20x slower; the run says so at start."""
+    cores = len(__import__("os").sched_getaffinity(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (cores + 2.0, 1.0, 1.0))
+    message = checks.busy_cpu_warning(torch.device("cpu"))
+    assert message and f"load average {cores + 2.0:.1f} on {cores} cores" in message and "OMP_NUM_THREADS=1" in message
+    assert checks.busy_cpu_warning(torch.device("cuda")) is None
+    monkeypatch.setattr("os.getloadavg", lambda: (cores - 0.5, 1.0, 1.0))
+    assert checks.busy_cpu_warning(torch.device("cpu")) is None  # idle enough
+    monkeypatch.setattr("os.getloadavg", lambda: (cores + 2.0, 1.0, 1.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert checks.busy_cpu_warning(torch.device("cpu")) is None  # one thread: nothing to spin against
