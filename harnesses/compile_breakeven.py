@@ -11,7 +11,11 @@ optimizer steps, without evaluation or generations. From the step times the reci
 "torch_compile": "step_seconds"):
 
   steady step      the median of the second half of a run's steps
-  compile_seconds  the compiled run's time beyond its steady steps, minus the eager run's warm-up beyond its own
+  overhead         the time beyond the steady step of the run's first steps, up to the first step that takes
+                   under 1.5 x steady (later slow steps are the machine's, not the compile's: `outlier_steps`
+                   counts those over 3 x steady, a sign of CPU contention from other processes)
+  compile_seconds  the compiled run's overhead minus the eager run's (its warm-up); the compiled overhead alone
+                   when the eager run started slower still (a machine effect: `compile_seconds_from` says which)
   speedup          eager steady / compiled steady
   break_even_steps compile_seconds / (eager steady - compiled steady); null when compiled steps are not faster
 
@@ -55,18 +59,32 @@ def steady(seconds: list[float]) -> float:
     return statistics.median(seconds[len(seconds) // 2:])
 
 
+def overhead(seconds: list[float], steady_seconds: float) -> float:
+    total = 0.0
+    for s in seconds:
+        if s < 1.5 * steady_seconds:
+            break
+        total += s - steady_seconds
+    return total
+
+
 def figures(eager: list[float], compiled: list[float]) -> dict:
     """Compile seconds, steady step times, speed-up and break-even steps from the two runs' step times."""
     n = min(len(eager), len(compiled))
     eager, compiled = eager[:n], compiled[:n]
     e, c = steady(eager), steady(compiled)
-    warmup_eager = sum(eager) - n * e
-    compile_seconds = sum(compiled) - n * c - warmup_eager
+    warmup_eager, compiled_overhead = overhead(eager, e), overhead(compiled, c)
+    compile_seconds = compiled_overhead - warmup_eager
+    source = "compiled overhead - eager warm-up"
+    if compile_seconds <= 0:
+        compile_seconds, source = compiled_overhead, "compiled overhead alone (the eager warm-up was longer)"
     saving = e - c
     return {"steps": n, "eager_step_seconds": round(e, 4), "compiled_step_seconds": round(c, 4),
             "speedup": round(e / c, 4), "compile_seconds": round(compile_seconds, 2),
-            "eager_warmup_seconds": round(warmup_eager, 2),
-            "break_even_steps": round(compile_seconds / saving, 1) if saving > 0 else None}
+            "eager_warmup_seconds": round(warmup_eager, 2), "compiled_overhead_seconds": round(compiled_overhead, 2),
+            "compile_seconds_from": source,
+            "break_even_steps": round(compile_seconds / saving, 1) if saving > 0 else None,
+            "outlier_steps": {"eager": sum(s > 3 * e for s in eager), "compiled": sum(s > 3 * c for s in compiled)}}
 
 
 def run_recipe(cfg: Config, mode: str) -> dict:
@@ -97,6 +115,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def refigure(path: str) -> dict:
+    """The figures again from the step times in a JSON this harness wrote (after a change to `figures`)."""
+    result = json.loads(Path(path).read_text())
+    result.update(figures(result["runs"]["eager"]["step_seconds"], result["runs"]["compiled"]["step_seconds"]))
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(cfg: Config) -> dict:

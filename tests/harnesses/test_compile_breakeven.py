@@ -18,6 +18,11 @@ def test_figures_compile_seconds_speedup_and_break_even():
     assert f["eager_warmup_seconds"] == 8.0 and f["compile_seconds"] == 50.0
     assert f["break_even_steps"] == 100.0  # 50 s / 0.5 s saved per step
     assert figures(eager, [60.0] + [2.5] * 5)["break_even_steps"] is None  # compiled steps slower: never pays
+    busy = figures([2.0, 2.0, 60.0, 2.0, 2.0, 2.0], compiled)  # a slow step later is contention, not warm-up
+    assert busy["eager_warmup_seconds"] == 0.0 and busy["compile_seconds"] == 58.0 and busy["outlier_steps"] == {
+        "eager": 1, "compiled": 1}
+    slow_start = figures([80.0] + [2.0] * 5, compiled)  # the eager run started slower than the compiled one
+    assert slow_start["compile_seconds"] == 58.0 and slow_start["compile_seconds_from"].startswith("compiled overhead alone")
 
 
 @pytest.mark.slow

@@ -125,12 +125,13 @@ def test_auto_on_a_run_too_short_to_measure_stays_eager():
 
 
 # ---- compiled == eager on the tiny model -------------------------------------------------------------
-def lora_model(tiny_dir, attn):
+def lora_model(tiny_dir, attn, checkpointing=False):
     from common.models import attach_lora, load_base_model
 
     torch.manual_seed(0)
     model = load_base_model(str(tiny_dir), CPU, "fp32", False, attn)
-    model = attach_lora(model, 8, 16, 0.0, LORA_TARGETS)
+    model = attach_lora(model, 8, 16, 0.0, LORA_TARGETS, gradient_checkpointing=checkpointing)
+    model.train()  # as the Trainer runs it (gradient checkpointing only recomputes in training mode)
     with torch.no_grad():  # lora_B starts at zero, so lora_A's gradient would be zero too: make both non-trivial
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -159,7 +160,7 @@ def loss_and_grads(model, inputs):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_compiled_equals_eager(tiny_dir, tiny_tokenizer, backend, attn, packed):
+def check_compiled_equals_eager(tiny_dir, tiny_tokenizer, backend, attn, packed, checkpointing=False):
     from common.attention import register
 
     if attn == "sdpa_packed":
@@ -167,7 +168,7 @@ def check_compiled_equals_eager(tiny_dir, tiny_tokenizer, backend, attn, packed)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attention = ALL_ATTENTION_FUNCTIONS.get(attn)
-    eager = lora_model(tiny_dir, attn)
+    eager = lora_model(tiny_dir, attn, checkpointing)
     compiled = copy.deepcopy(eager)
     inputs = batch(tiny_tokenizer, packed)
     plan = comp.CompileWhenItPays("true", CPU, backend=backend)
@@ -237,3 +238,9 @@ def test_the_recipe_with_torch_compile_true_trains_as_eager_does(tiny_dir, tmp_p
     assert len(runs["true"]["losses"]) == 5
     assert runs["true"]["losses"] == pytest.approx(runs["false"]["losses"], rel=1e-4)
     assert runs["true"]["eval_loss_after"] == pytest.approx(runs["false"]["eval_loss_after"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_gradient_checkpointing_give_the_eager_gradients(tiny_dir, tiny_tokenizer):
+    """Non-reentrant checkpointing inside the compiled call (the layer forward checkpoints itself): same gradients."""
+    check_compiled_equals_eager(tiny_dir, tiny_tokenizer, "inductor", "sdpa_packed", True, checkpointing=True)
