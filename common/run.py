@@ -51,12 +51,15 @@ def setup_logging() -> None:
 
 
 def config_dict(*configs) -> dict:
-    """The resolved options of a run, as JSON types (the manifest's `config`, compared again on resume)."""
+    """The resolved options of a run, as JSON types (the manifest's `config`, compared again on resume). A name
+    in more than one keeps the first config's value: a recipe's Config that redeclares a library option
+    (`gradient_checkpointing auto`, `torch_compile auto`) shows the user's choice, not the library's placeholder."""
     merged = {}
     for c in configs:
         if c is None:
             continue
-        merged.update(c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c))
+        for key, value in (c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c)).items():
+            merged.setdefault(key, value)
     return json.loads(json.dumps(merged, default=str))
 
 

@@ -409,6 +409,12 @@ def recipe_flags() -> set[str]:
     return set(option_defaults(load_recipe(REPO / "recipes" / "sft_memory_diet.py").CONFIGS))
 
 
+def last_error(log_file: Path) -> str:
+    """The last `error: ...` line a contestant printed (its reason), or ''."""
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
+    return next((line for line in reversed(lines) if line.startswith("error:")), "")
+
+
 def run_contestant(name: str, cmd: list[str], out: Path) -> dict:
     """One contestant in its own process (log: <output_dir>/<name>.log); its metrics.json."""
     log.info("+ %s", " ".join(cmd))
@@ -421,9 +427,11 @@ def run_contestant(name: str, cmd: list[str], out: Path) -> dict:
     return {**result.metrics, "process_wall_seconds": result.seconds}
 
 
-def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path) -> list[str]:
+def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path,
+                   pin_batch: bool = True) -> list[str]:
     """recipes/sft_memory_diet.py with its YAML defaults; only what must be equal is overridden, then
-    `--recipe_args` (shell-split, so one string carries several flags; later flags win)."""
+    `--recipe_args` (shell-split, so one string carries several flags; later flags win). pin_batch=False leaves
+    the micro-batch / accumulation split to the recipe's memory planner (the effective batch stays the YAML's)."""
     flags = recipe_flags()
     wanted = {
         "model_name_or_path": model, "dataset_path": str(train_file), "eval_dataset_path": str(eval_file),
@@ -436,6 +444,8 @@ def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_fi
         "logging_steps": 1, "eval_steps": 0, "save_steps": 500, "report_to": "none", "sample_generations": 0,
         "resume": False,
     }
+    if not pin_batch:
+        del wanted["per_device_train_batch_size"], wanted["gradient_accumulation_steps"]
     cmd = [sys.executable, str(REPO / "recipes" / "sft_memory_diet.py"),
            "--config", str(REPO / "recipes" / "configs" / "sft_memory_diet.yaml")]
     for key, value in wanted.items():
@@ -447,8 +457,9 @@ def recipe_command(cfg: Config, name: str, model: str, train_file: Path, eval_fi
 
 
 def run_recipe(cfg: Config, name: str, model: str, train_file: Path, eval_file: Path, out: Path,
-               extra: list[str] = ()) -> dict:
-    metrics = run_contestant(name, recipe_command(cfg, name, model, train_file, eval_file, out) + list(extra), out)
+               extra: list[str] = (), pin_batch: bool = True) -> dict:
+    metrics = run_contestant(name, recipe_command(cfg, name, model, train_file, eval_file, out, pin_batch) + list(extra),
+                             out)
     config = json.loads((out / "manifest.json").read_text())["config"]
     metrics.setdefault("gradient_checkpointing", config.get("gradient_checkpointing"))
     metrics["recipe_config"] = config
@@ -639,13 +650,20 @@ def main(cfg: Config) -> dict:
     # ---- peak before, contestants, peak after -------------------------------------------------------
     peaks = [probe_peaks(cfg, device)]
     log.info("matmul peak: %.0f GFLOP/s bf16, %.0f GFLOP/s fp32", peaks[0]["bf16"] / 1e9, peaks[0]["fp32"] / 1e9)
-    results = {}
+    results, failed = {}, {}
     for name in [run for c in cfg.contestants for run in contestant_runs(c)]:
         log.info("contestant %s ...", name)
         args = (cfg, name, model_path, train_file, eval_file, output_dir / name)
         if name == "recipe_at_peer_memory":
             budget_gb = results[PEER]["peak_memory_bytes"] / 2**30
-            results[name] = run_recipe(*args, extra=["--memory_budget_gb", f"{budget_gb:.3f}"])
+            # the planner may split the same effective batch (the YAML's 4 x 4 = 16) to fit the budget
+            try:
+                results[name] = run_recipe(*args, extra=["--memory_budget_gb", f"{budget_gb:.3f}"], pin_batch=False)
+            except checks.CheckFailed as e:  # recorded as a goal not met; the other rows are kept
+                failed[name] = {"memory_budget_gb": round(budget_gb, 3), "error": str(e),
+                                "stderr": last_error(output_dir / f"{name}.log")}
+                log.warning("%s", e)
+                continue
             results[name]["memory_budget_gb"] = round(budget_gb, 3)
         else:
             results[name] = (run_recipe if name.startswith("recipe") else run_trl)(*args)
@@ -696,6 +714,10 @@ def main(cfg: Config) -> dict:
         goals["speedup_vs_tuned"] = speedup_goal(cfg, results["recipe"], results[best], cfg.goal_speedup_tuned,
                                                  f"the tuned TRL run ({best}, the faster variant)", verdicts)
         goals["speedup_vs_tuned"]["against"] = best
+    if "recipe_at_peer_memory" in failed:
+        f = failed["recipe_at_peer_memory"]
+        goals["at_peer_memory"] = {"budget_gb": f["memory_budget_gb"], "fits": False, "met": False, "error": f["error"]}
+        verdicts.append(f"recipe at {PEER}'s peak ({f['memory_budget_gb']:.2f} GiB budget): did NOT run: {f['stderr']}")
     if "recipe_at_peer_memory" in results:
         m = results["recipe_at_peer_memory"]
         fits = m["peak_memory_bytes"] <= m["memory_budget_gb"] * 2**30
@@ -742,7 +764,7 @@ def main(cfg: Config) -> dict:
                           "the bf16 matmul peak; tokens = all non-pad tokens trained (prompt tokens cost compute too), "
                           "except the LM head, counted only at the positions the loss is taken at (each "
                           "contestant's trained_labelled_tokens); hfu adds the recompute",
-        "contestants": results, "goals": goals, "verdicts": verdicts,
+        "contestants": results, "failed_contestants": failed, "goals": goals, "verdicts": verdicts,
     }
     write_json(output_dir / "benchmark.json", result)
     (output_dir / "benchmark.md").write_text(markdown(result))

@@ -233,3 +233,29 @@ def test_recipe_args_carry_several_flags_to_the_recipe(tmp_path):
 
     parsed, _ = parse_config(load_recipe(REPO / "recipes" / "sft_memory_diet.py").CONFIGS, cmd[2:])
     assert parsed.attn_implementation == "sdpa" and parsed.lora_dropout == 0.05  # after the benchmark's 0.0
+
+
+def test_recipe_at_peer_memory_leaves_the_batch_split_to_the_planner(tmp_path):
+    """At the peer's footprint the recipe's planner may trade micro-batch for accumulation: the command pins
+    neither, and the recipe YAML's effective batch is the benchmark's (8 x 2 = 4 x 4 = 16 sequences)."""
+    import yaml
+
+    from common.config import parse_config
+
+    bm = load_benchmark_module()
+    cfg = parse_config(bm.Config, ["--config", str(REPO / "harnesses" / "configs" / "benchmark.yaml")])
+    args = ("recipe_at_peer_memory", "asset:tiny", tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "r")
+    pinned, free = bm.recipe_command(cfg, *args), bm.recipe_command(cfg, *args, pin_batch=False)
+    assert "--per_device_train_batch_size" in pinned and "--gradient_accumulation_steps" in pinned
+    assert "--per_device_train_batch_size" not in free and "--gradient_accumulation_steps" not in free
+    recipe_yaml = yaml.safe_load((REPO / "recipes" / "configs" / "sft_memory_diet.yaml").read_text())
+    assert (recipe_yaml["per_device_train_batch_size"] * recipe_yaml["gradient_accumulation_steps"]
+            == cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)
+
+
+def test_a_contestants_reason_is_its_last_error_line(tmp_path):
+    bm = load_benchmark_module()
+    log_file = tmp_path / "c.log"
+    log_file.write_text("INFO loading\nerror: memory plan: nothing fits 3.6 GiB\nINFO exit\n")
+    assert bm.last_error(log_file) == "error: memory plan: nothing fits 3.6 GiB"
+    assert bm.last_error(tmp_path / "missing.log") == ""

@@ -530,3 +530,22 @@ def test_no_recipe_hard_codes_its_own_name():
     for path in [*(REPO / "recipes" / "configs").glob("*.yaml"), *(REPO / "harnesses" / "configs").glob("*.yaml")]:
         assert f"output_dir: runs/{path.stem}\n" not in path.read_text() or path.stem not in {
             p.stem for p in path.parent.parent.glob("*.py")}, f"{path.name} pins output_dir to the recipe's name"
+
+
+def test_manifest_config_keeps_the_recipes_value_of_a_redeclared_library_option(tmp_path):
+    """sft_memory_diet redeclares gradient_checkpointing / torch_compile as auto|true|false: the manifest shows
+    the user's choice, not TrainingArguments' bool placeholder."""
+    from dataclasses import dataclass
+
+    from transformers import TrainingArguments
+
+    from common.run import config_dict
+
+    @dataclass
+    class Recipe:
+        gradient_checkpointing: str = "auto"
+        torch_compile: str = "auto"
+
+    merged = config_dict(Recipe(), TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert merged["gradient_checkpointing"] == "auto" and merged["torch_compile"] == "auto"
+    assert merged["learning_rate"] == 5e-05  # the library's own options are still there
