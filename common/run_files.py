@@ -156,6 +156,17 @@ class PeakMemory:
                                       "and data; baseline_rss_bytes is the peak before the model was loaded"}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line of a measured figure."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

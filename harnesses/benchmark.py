@@ -33,7 +33,6 @@ import importlib.util
 import json
 import logging
 import math
-import platform
 import random
 import shlex
 import shutil
@@ -50,7 +49,7 @@ from common import checks, child  # noqa: E402
 from common.assets import resolve_model_path  # noqa: E402
 from common.config import load_recipe, option_defaults, parse_config  # noqa: E402
 from common.data import DataError, load_dataset_file, load_records, to_messages  # noqa: E402
-from common.run_files import PeakMemory, device_name, now, write_json, write_manifest  # noqa: E402
+from common.run_files import PeakMemory, cpu_model, device_name, now, write_json, write_manifest  # noqa: E402
 
 RECIPE = Path(__file__).stem  # the name follows the file: a copy writes runs/<its name> and "recipe": "<its name>"
 log = logging.getLogger(RECIPE)
@@ -541,16 +540,6 @@ def build_random_model(cfg: Config, device: torch.device, out: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def contestant_runs(name: str) -> list[str]:
     """trl_tuned[_qlora] -> trl_tuned_unpacked[_qlora], trl_tuned_packed[_qlora]; any other name runs once."""
     if not name.startswith("trl_tuned"):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
 from common.config import parse_config  # noqa: E402
+from common.run_files import cpu_model  # noqa: E402
 
 RECIPE = Path(__file__).stem
 REPO = Path(__file__).resolve().parent.parent
@@ -107,16 +107,6 @@ def run_recipe(cfg: Config, mode: str) -> dict:
             "step_seconds": metrics["torch_compile"]["step_seconds"]}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def refigure(path: str) -> dict:
     """The figures again from the step times in a JSON this harness wrote (after a change to `figures`)."""
     result = json.loads(Path(path).read_text())
@@ -131,7 +121,7 @@ def main(cfg: Config) -> dict:
     runs = {mode: run_recipe(cfg, mode) for mode in MODES}
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     result = {**figures(runs["eager"]["step_seconds"], runs["compiled"]["step_seconds"]),
-              "model": cfg.model_name_or_path, "cpu": cpu_name(), "cores": os.cpu_count(),
+              "model": cfg.model_name_or_path, "cpu": cpu_model(), "cores": os.cpu_count(),
               "avx512_bf16": "avx512_bf16" in flags, "torch": torch.__version__,
               "total_wall_seconds": round(sum(r["wall_seconds"] for r in runs.values()), 1), "runs": runs}
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
