@@ -298,3 +298,22 @@ ddp.exit_process({code})
     assert proc.stdout == "stdout flushed"
     assert "written before exit" in (tmp_path / "log.txt").read_text()
     assert not (tmp_path / "finalized").exists()
+
+
+def test_exit_process_does_not_wait_forever_on_a_hung_teardown(tmp_path):
+    """A rank whose destroy_process_group never returns still exits, with its code, after DESTROY_TIMEOUT
+    (torchrun would otherwise wait SHUTDOWN_TIMEOUT for it)."""
+    probe = f"""
+import logging, sys, threading, time
+sys.path.insert(0, {str(REPO)!r})
+from common import distributed as ddp
+logging.basicConfig(level=logging.INFO)
+ddp.DESTROY_TIMEOUT = 1
+ddp.destroy = lambda: threading.Event().wait()  # hangs
+ddp.exit_process(75)
+"""
+    start = __import__("time").time()
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "destroy_process_group did not return in 1 s; exiting with 75 anyway" in proc.stderr
+    assert __import__("time").time() - start < 60
