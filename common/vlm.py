@@ -441,6 +441,18 @@ def attach_vlm_lora(model, lora_options, train_vision_tower: bool, train_project
     return model
 
 
+def trained_weights_in_fp32(model) -> None:
+    """Trained weights in fp32 while bf16 autocast computes (bf16 weights lose the small updates), and with them
+    every parameter of a module trained in full (peft `modules_to_save`), frozen ones included: the vision tower's
+    frozen final norm left in bf16 meets fp32 input under autocast and fails with `RuntimeError: mixed dtype
+    (CPU): expect parameter to have scalar type of Float` (CHRONICLES 97)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if (p.requires_grad or ".modules_to_save." in name) and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def parameter_groups(model) -> dict:
     """Trainable and total parameters of the vision tower, the projector and the language model (LoRA included)."""
     groups = {}
@@ -485,24 +497,26 @@ def pretrain_vision_tower(tower, image_processor, feature_layer: int = -1, steps
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=0.01)
     threads = torch.get_num_threads()
     # One thread: these matmuls are tiny, and with a second busy process on a 2-core machine two OpenMP threads
-    # ran 50 steps in 154 s against 9 s for one (measured here, load average ~4.5).
+    # ran 50 steps in 154 s against 9 s for one (measured here, load average ~4.5; CHRONICLES 96).
     torch.set_num_threads(1)
-    tower.train()
-    for step in range(1, steps + 1):
-        for group in optimizer.param_groups:  # 20 warm-up steps, then cosine to 0
-            group["lr"] = learning_rate * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        pixels, labels = draw(batch_size)
-        features = pooled(pixels)
-        loss = sum(torch.nn.functional.cross_entropy(heads[k](features), labels[k]) for k in heads)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    tower.eval()
-    with torch.no_grad():
-        pixels, labels = draw(256)
-        features = pooled(pixels)
-        accuracy = {k: round((heads[k](features).argmax(-1) == labels[k]).float().mean().item(), 4) for k in heads}
-    torch.set_num_threads(threads)
+    try:
+        tower.train()
+        for step in range(1, steps + 1):
+            for group in optimizer.param_groups:  # 20 warm-up steps, then cosine to 0
+                group["lr"] = learning_rate * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            pixels, labels = draw(batch_size)
+            features = pooled(pixels)
+            loss = sum(torch.nn.functional.cross_entropy(heads[k](features), labels[k]) for k in heads)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        tower.eval()
+        with torch.no_grad():
+            pixels, labels = draw(256)
+            features = pooled(pixels)
+            accuracy = {k: round((heads[k](features).argmax(-1) == labels[k]).float().mean().item(), 4) for k in heads}
+    finally:
+        torch.set_num_threads(threads)
     return {"steps": steps, "batch_size": batch_size, "seed": seed, "heldout_accuracy": accuracy,
             "seconds": round(time.time() - start, 1)}
 

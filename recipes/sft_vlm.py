@@ -12,8 +12,8 @@ QLoRA (--method qlora) quantizes the language model to NF4 (bitsandbytes); the v
 LM head stay in the training precision.
 
 Offline default: `asset:smollm2_vlm` (SmolLM2-135M-Instruct + a SigLIP at 64 px pretrained on rendered shapes,
-a new projector; built locally) learns a generated image set (coloured circles/squares/triangles, 1-3 per image, rendered with PIL
-into <output_dir>/shapes): "what colour / shape / how many", one-word answers; held-out accuracy before and
+a new projector; built locally) learns a generated image set (coloured circles/squares/triangles, 1-3 per
+image, rendered with PIL into <output_dir>/shapes): "what colour / shape / how many", one-word answers; held-out accuracy before and
 after training goes to metrics.json, with the held-out loss on other chats' images (near the true loss: the
 model ignores the images).
 
@@ -45,7 +45,7 @@ from common.run_files import write_json  # noqa: E402
 from common.trainer import TokenCountingTrainer  # noqa: E402
 from common.vlm import (GENERATED, MAX_IMAGE_PIXELS, VLMCollator, answer_accuracy, answer_questions,  # noqa: E402
                         attach_vlm_lora, heldout_loss, image_seq_length, is_vlm_folder, load_image_chats, load_vlm,
-                        parameter_groups, tokenize_image_chats, write_shapes_dataset)
+                        parameter_groups, tokenize_image_chats, trained_weights_in_fp32, write_shapes_dataset)
 
 RECIPE = Path(__file__).stem  # a copy writes runs/<its name> and "recipe": "<its name>"
 
@@ -118,10 +118,7 @@ def main(cfg: Config, args: TrainingArguments) -> dict:
     run.measure_memory()
     model = load_vlm(model_path, device, precision, quantized)
     model = attach_vlm_lora(model, cfg, cfg.train_vision_tower, cfg.train_projector, cfg.lora_on_vision_tower, quantized)
-    for name, p in model.named_parameters():  # trained weights in fp32 (autocast computes in bf16): bf16 weights
-        # lose small updates; a trained module's frozen parts too (its final norm: a bf16 LayerNorm weight on fp32 input fails)
-        if (p.requires_grad or ".modules_to_save." in name) and p.dtype != torch.float32:
-            p.data = p.data.float()
+    trained_weights_in_fp32(model)  # bf16 autocast computes; the trained modules stay fp32
     trainable, total = checks.log_parameter_counts(model)
     groups = parameter_groups(model)
     run.log.info("trainable / total parameters: %s", {k: f"{v['trainable']:,} / {v['total']:,}" for k, v in groups.items()})

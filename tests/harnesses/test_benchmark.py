@@ -235,9 +235,9 @@ def test_recipe_args_carry_several_flags_to_the_recipe(tmp_path):
     assert parsed.attn_implementation == "sdpa" and parsed.lora_dropout == 0.05  # after the benchmark's 0.0
 
 
-def test_recipe_at_peer_memory_leaves_the_batch_split_to_the_planner(tmp_path):
-    """At the peer's footprint the recipe's planner may trade micro-batch for accumulation: the command pins
-    neither, and the recipe YAML's effective batch is the benchmark's (8 x 2 = 4 x 4 = 16 sequences)."""
+def test_recipe_at_peer_memory_runs_the_recipe_yamls_batch_split(tmp_path):
+    """At the peer's footprint the recipe runs its YAML's micro-batch (4 x 4; the benchmark's 8 x 2 did not fit):
+    the command passes neither option, and that split trains the same effective batch (16 sequences)."""
     import yaml
 
     from common.config import parse_config

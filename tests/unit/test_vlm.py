@@ -283,3 +283,30 @@ def test_heldout_loss_with_other_images_rolls_the_pixels_one_chat_over(processor
         heldout_loss(Spy(), [{**f, "input_ids": [1] * len(f["input_ids"]), "loss_mask": [1] * len(f["input_ids"])}
                              for f in features], collator, other_images=other)
     assert torch.equal(seen[1], seen[0].roll(1, 0)) and not torch.equal(seen[0], seen[1])
+
+
+def test_trained_tower_in_bf16_keeps_its_frozen_norm_in_fp32(vlm_dir, processor, images):
+    """CHRONICLES 97: a bf16-loaded VLM with the tower trained in full. Casting only the trainable parameters to fp32
+    leaves the tower's frozen final norm in bf16, and the forward under bf16 autocast fails; the recipe's cast
+    (trained_weights_in_fp32) takes the whole trained module and the forward runs."""
+    from common.models import LoraOptions
+    from common.vlm import attach_vlm_lora, load_vlm, trained_weights_in_fp32
+
+    batch = VLMCollator(processor)(tokenize_image_chats(load_image_chats(write(images, [chat()])), processor, 256))
+
+    def forward(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).loss
+
+    model = attach_vlm_lora(load_vlm(vlm_dir, torch.device("cpu"), "bf16"), LoraOptions(lora_r=4), True, True, False)
+    for p in model.parameters():  # the old cast: trainable parameters only
+        if p.requires_grad:
+            p.data = p.data.float()
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        forward(model)
+
+    model = attach_vlm_lora(load_vlm(vlm_dir, torch.device("cpu"), "bf16"), LoraOptions(lora_r=4), True, True, False)
+    trained_weights_in_fp32(model)
+    frozen_norm = [p for n, p in model.named_parameters() if ".modules_to_save." in n and "post_layernorm" in n]
+    assert frozen_norm and all(p.dtype == torch.float32 and not p.requires_grad for p in frozen_norm)
+    assert torch.isfinite(forward(model))
