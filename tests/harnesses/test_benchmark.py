@@ -90,8 +90,9 @@ def test_tuned_trl_runs_packed_and_unpacked_and_the_faster_one_counts(bench):
     goal = b["goals"]["speedup_vs_tuned"]
     best = max((unpacked, packed), key=lambda m: m["assistant_tokens_per_second"])
     assert goal["against"] == best["contestant"] and goal["goal"] == 3.5
+    # goals record the ratio rounded to 3 decimals (tokens/s to 2): equal up to that rounding
     assert goal["measured"] == pytest.approx(r["assistant_tokens_per_second"] / best["assistant_tokens_per_second"],
-                                             rel=1e-3)
+                                             abs=5e-4, rel=1e-4)
     assert any(v.startswith(f"speed-up recipe / the tuned TRL run ({best['contestant']}") for v in b["verdicts"])
 
 
@@ -125,7 +126,7 @@ def test_mfu_and_speedup_follow_from_the_recorded_numbers(bench):
     assert t["hardware_flops"] > t["model_flops"]  # its gradient checkpointing recomputes the forward
     speedup = b["goals"]["speedup"]
     assert speedup["measured"] == pytest.approx(b["contestants"]["recipe"]["assistant_tokens_per_second"]
-                                                / t["assistant_tokens_per_second"], rel=1e-3)
+                                                / t["assistant_tokens_per_second"], abs=5e-4, rel=1e-4)  # 3 decimals
     assert speedup["goal"] == 1.5 and b["goals"]["mfu"]["goal"] == 0.5
     table = (out / "benchmark.md").read_text()
     assert "| recipe | " in table and "| trl_baseline | " in table and b["machine"] in table
