@@ -192,6 +192,7 @@ def test_recipe_packed_with_a_huge_budget(tiny_dir, tmp_path, dataset_counts):
     assert (m["per_device_train_batch_size"], m["gradient_accumulation_steps"]) == (4, 4)  # pinned by the YAML
     assert "memory plan (--memory_budget_gb: 1000.0 GiB" in proc.stderr and "gradient checkpointing off" in proc.stderr
     assert "Liger kernels skipped: they need CUDA" in proc.stderr
+    assert m["allocator_tuned"] is True  # 1000 GiB leaves room for the warm allocator's fragmentation
     assert m["eval_loss_after"] < m["eval_loss_before"]
 
 
@@ -211,6 +212,9 @@ def test_recipe_padded_length_grouped_with_a_budget_that_needs_checkpointing(tin
     assert m["gradient_checkpointing"] is True and m["memory_plan"]["gradient_checkpointing"] is True
     assert "Adds gradient checkpointing" in m["memory_plan"]["reason"]
     assert "gradient checkpointing on" in proc.stderr
+    # a budget the plan nearly fills: glibc's defaults (which the plan models), not the fragmenting warm heap
+    assert m["allocator_tuned"] is False and "allocator: glibc's defaults kept" in proc.stderr
+    assert "glibc keeps freed memory" not in proc.stderr
 
 
 def test_recipe_nothing_fits_exits_before_the_model_loads(tiny_dir, tmp_path):

@@ -188,6 +188,22 @@ def test_skipping_peft_input_cast_under_autocast_is_bit_identical(tiny_dir, feat
 
 
 # ---- allocator ------------------------------------------------------------------------------------
+def test_the_warm_allocator_only_where_the_budget_has_room_for_its_fragmentation(caplog):
+    from common.fast_path import TUNED_ALLOCATOR_HEADROOM, allocator_headroom
+
+    given = {"budget_gb": 3.81, "budget_source": "--memory_budget_gb", "fits": True}
+    with caplog.at_level("INFO", logger="common.fast_path"):
+        # the benchmark's recipe_at_peer_memory: 3.80 GiB planned in a 3.81 GiB budget peaked at 4.13 GiB warm
+        assert allocator_headroom({**given, "required_gb": 3.80}) is False
+    assert "glibc's defaults kept" in caplog.text and "3.80 GiB of the 3.81 GiB" in caplog.text
+    assert allocator_headroom({**given, "required_gb": 3.81 / TUNED_ALLOCATOR_HEADROOM}) is True
+    assert allocator_headroom({**given, "required_gb": 3.81 / TUNED_ALLOCATOR_HEADROOM + 0.01}) is False
+    assert allocator_headroom({**given, "fits": False, "required_gb": None}) is False  # pinned, run anyway
+    # the planner could not plan: warm only when nobody set a budget
+    assert allocator_headroom({**given, "fits": None}) is False
+    assert allocator_headroom({**given, "fits": None, "budget_source": "MemAvailable"}) is True
+
+
 def test_tune_cpu_allocator_applies_on_glibc_linux():
     import platform
     import subprocess
