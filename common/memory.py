@@ -432,14 +432,15 @@ def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = Tru
     count in tests/unit/test_memory.py). Dtypes from `_dtypes`. Bitsandbytes' Linear4bit returns its input's
     dtype, so QLoRA's projections come out fp32. `peft_cast`: peft casts each adapter's input to the
     adapter's fp32 dtype (then autocast casts that copy back for the matmul); the recipes' Trainer turns it
-    off under autocast, so an adapter reads its input as it is.
+    off under autocast, so an adapter reads its input as it is, and so does attach_lora's FusedLoraLinear
+    (plain LoRA, no DoRA) under any autocast.
       RMSNorm x2:   fp32 copy of its input (4h) + rsqrt (4); full FT also its normalized input
       sdpa:         q, k, v, output + fp32 logsumexp per head (flash-style kernels, CPU and CUDA)
       SwiGLU:       gate, up and silu(gate) outputs
       full FT:      the inputs of q/k/v, gate/up and down (for the weight gradients): one shared tensor per
                     group, or under autocast from fp32 (mixed) one bf16 copy per projection; and autocast's
                     bf16 copy of every fp32 weight (the per-layer constant)
-      LoRA module:  dropout mask (CPU: fp32 noise, CUDA: bool mask), lora_A's input, lora_A's output; under
+      LoRA module:  dropout mask (bool; on CPU attach_lora's CpuDropout), lora_A's input, lora_A's output; under
                     autocast also a copy of each fp32 adapter weight (the per-layer constant) and, for an
                     fp32 base (mixed), of each base weight.
     """
@@ -464,7 +465,9 @@ def layer_activation_bytes(arch: Architecture, s: Settings, autocast: bool = Tru
         if weight_copies:
             constant += c * layer_linear
         return per_token, constant
-    mask = (4 if s.device == "cpu" else 1) if s.lora_dropout > 0 else 0
+    if ac and s.method == "lora" and not s.use_dora:
+        peft_cast = False  # FusedLoraLinear skips the cast autocast would undo (common/lora_fast.py)
+    mask = 1 if s.lora_dropout > 0 else 0  # a bool mask: CUDA's fused dropout, CPU's CpuDropout (common/lora_fast.py)
     arrives = {"attn_in": res, "mlp_in": res, "attn_out": attn, "mlp_out": lin}   # dtype of each group's input
     shared = set()
     for name, dim in arch.lora_inputs:

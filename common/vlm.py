@@ -424,6 +424,7 @@ def attach_vlm_lora(model, lora_options, train_vision_tower: bool, train_project
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from common.checks import enable_input_grads
+    from common.lora_fast import speed_up_lora
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -433,6 +434,7 @@ def attach_vlm_lora(model, lora_options, train_vision_tower: bool, train_project
     config.modules_to_save = ([n for n, on in (("vision_tower", train_vision_tower),
                                                ("multi_modal_projector", train_projector)) if on] or None)
     model = get_peft_model(model, config)
+    speed_up_lora(model)  # peft's maths, fewer passes (common/lora_fast.py)
     if train_vision_tower:  # LLaVA reads an encoder layer's output, not the final norm or pooling head
         for name, p in model.named_parameters():
             if ".vision_tower." in name and (".post_layernorm." in name or ".head." in name):

@@ -63,6 +63,8 @@ def main(cfg: Config) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from common.lora_fast import speed_up_lora
+
     ddp.check_launcher(cfg.expected_world_size)
     rank = ddp.init_distributed(cfg.device)
     ddp.setup_rank_logging(rank)
@@ -86,6 +88,7 @@ def main(cfg: Config) -> dict:
     run.measure_memory()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(rank.device)
     model = get_peft_model(model, cfg.lora_config())
+    speed_up_lora(model)  # peft's maths, fewer passes (common/lora_fast.py)
     full_size = sum(p.numel() for p in model.parameters())
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)

@@ -76,6 +76,8 @@ def main(cfg: Config, args: RewardConfig) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
 
+    from common.lora_fast import speed_up_lora
+
     run = Run(RECIPE, cfg, args, datasets=[cfg.dataset_path] + ([] if cfg.eval_split else [cfg.eval_dataset_path]))
     validate(cfg, args)
     train_records = load_preference(cfg.dataset_path)
@@ -100,6 +102,7 @@ def main(cfg: Config, args: RewardConfig) -> dict:
     lora_modules = 0
     if cfg.method == "lora":  # task_type SEQ_CLS puts `score` in modules_to_save: the new head trains in full
         model = get_peft_model(model, cfg.lora_config(task_type="SEQ_CLS"))
+        speed_up_lora(model)  # peft's maths, fewer passes (common/lora_fast.py)
         lora_modules = checks.check_lora_targets(model, cfg.lora_targets)
     check_score_head_trainable(model)
     checks.log_parameter_counts(model)

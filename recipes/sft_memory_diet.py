@@ -205,7 +205,7 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
         "gradient_checkpointing": fast.gradient_checkpointing, "liger_kernel": fast.liger,
         "memory_plan": fast.plan, "allocator_tuned": fast.allocator_tuned, "truncation": truncation.as_dict(),
         "optimizer": fast.optim, **({"moe": router.metrics()} if router.layout else {}),
-        "torch_compile": compiler.report(),
+        "torch_compile": compiler.report(), "lora_fast": getattr(model, "lora_fast", None),
         "labelled_logits_only": bool(trainer.labelled_logits_only and not fast.liger and accepts_logits_to_keep(model)),
     }
     for key in ("eval_loss_before", "eval_loss_after"):

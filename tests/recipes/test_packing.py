@@ -193,6 +193,7 @@ def test_recipe_packed_with_a_huge_budget(tiny_dir, tmp_path, dataset_counts):
     assert "memory plan (--memory_budget_gb: 1000.0 GiB" in proc.stderr and "gradient checkpointing off" in proc.stderr
     assert "Liger kernels skipped: they need CUDA" in proc.stderr
     assert m["allocator_tuned"] is True  # 1000 GiB leaves room for the warm allocator's fragmentation
+    assert m["lora_fast"]["fused_lora_linear"] == m["lora_modules"]  # every adapted layer (common/lora_fast.py)
     assert m["eval_loss_after"] < m["eval_loss_before"]
 
 
