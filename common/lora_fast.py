@@ -100,7 +100,9 @@ class FusedLoraLinear(_lora_linear_class()):
                 or name not in self.lora_A or name in self.lora_variant or self.lora_bias.get(name)):
             return super().forward(x, *args, **kwargs)
         weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
-        if not torch.is_autocast_enabled(x.device.type) and not x.dtype == weight_a.dtype == self.base_layer.weight.dtype:
+        base_weight = getattr(self.get_base_layer(), "weight", None)
+        if not torch.is_autocast_enabled(x.device.type) and not (
+                base_weight is not None and x.dtype == weight_a.dtype == weight_b.dtype == base_weight.dtype):
             return super().forward(x, *args, **kwargs)  # mixed dtypes without autocast: peft's casts
         result = self.base_layer(x)
         low_rank = F.linear(self.lora_dropout[name](x), weight_a) * self.scaling[name]
