@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from common import checks
-from common.memory import GB, PlanError, Settings, load_config, recommend
+from common.memory import GB, PlanError, Settings, load_config, ordinal, recommend
 
 log = logging.getLogger(__name__)
 AUTO_TRUE_FALSE = ("auto", "true", "false")
@@ -71,13 +71,16 @@ def plan_memory(cfg, device: torch.device, precision: str, optim: str, model_pat
         log.warning("memory plan: %s Running the pinned settings anyway.", rec["reason"])
         return {**out, **given, "fits": False, "reason": rec["reason"]}
     chosen = rec["settings"]
+    every_n = chosen["ckpt_every_n"] if chosen["grad_ckpt"] else 1
     result = {**out, "fits": True, "gradient_checkpointing": chosen["grad_ckpt"],
+              "checkpoint_every_n_layers": every_n,
               "per_device_train_batch_size": chosen["batch_size"],
               "gradient_accumulation_steps": chosen["gradient_accumulation_steps"],
               "required_gb": round(rec["plan"]["required_bytes"] / GB, 2), "reason": rec["reason"]}
     log.info("memory plan (%s: %.1f GiB; planner decides %s): gradient checkpointing %s, micro-batch %d x %d "
              "accumulation. %s", source, budget / GB, ", ".join(decides) or "nothing, all pinned",
-             "on" if result["gradient_checkpointing"] else "off", result["per_device_train_batch_size"],
+             ("on" + (f" every {ordinal(every_n)} layer" if every_n > 1 else "")) if result["gradient_checkpointing"] else "off",
+             result["per_device_train_batch_size"],
              result["gradient_accumulation_steps"], rec["reason"])
     return result
 
@@ -178,6 +181,11 @@ class FastPath:
     @property
     def gradient_checkpointing(self) -> bool:
         return self.plan["gradient_checkpointing"]
+
+    @property
+    def checkpoint_every_n_layers(self) -> int:
+        """1: every layer recomputes (or none, without checkpointing); n: layers 0, n, 2n, ... (planner's choice)."""
+        return self.plan.get("checkpoint_every_n_layers", 1)
 
     def batching(self, sampling_strategy: str) -> str:
         if self.packing:

@@ -2,7 +2,7 @@
 
     python -m common.memory --model <model dir or config.json> --method {full,lora,qlora} [--lora_r R]
         [--lora_targets q_proj,v_proj | all-linear] [--seq_len 512] [--batch_size 1] [--optim adamw_torch]
-        [--dtype bf16|mixed|fp16|fp32] [--grad_ckpt] [--world_size 1] [--zero {0,1,2,3}] [--device cuda|cpu] --json
+        [--dtype bf16|mixed|fp16|fp32] [--grad_ckpt [--ckpt_every_n N]] [--world_size 1] [--zero {0,1,2,3}] [--device cuda|cpu] --json
     python -m common.memory --model <...> --seq_len 2048 --batch_size 4 --compare   # lora, qlora, full bf16, full mixed
     python -m common.memory --model <...> --budget_gb 24 --recommend [--json]
     python -m common.memory --model <...> --budget_gb 24 --find_batch_size [--json]
@@ -176,6 +176,7 @@ class Settings:
     optim: str = _recipe("optim")
     dtype: str = "bf16"                   # PRECISIONS: bf16 | mixed | fp16 | fp32 (QLoRA: the compute dtype)
     grad_ckpt: bool = _recipe("grad_ckpt")
+    ckpt_every_n: int = 1                 # with grad_ckpt: checkpoint layers 0, n, 2n, ... (transformers' every_n_layers)
     world_size: int = 1
     zero: int = 0                         # DeepSpeed ZeRO stage (0 = plain DDP / single device)
     device: str = "cuda"                  # cuda | cpu
@@ -206,7 +207,7 @@ class Settings:
             raise PlanError(f"--device {self.device!r}: choose cuda or cpu")
         if not 0 < self.labelled_fraction <= 1:
             raise PlanError(f"--labelled_fraction {self.labelled_fraction}: a share of the positions, in (0, 1]")
-        for name in ("lora_r", "seq_len", "batch_size", "gradient_accumulation_steps", "world_size"):
+        for name in ("lora_r", "seq_len", "batch_size", "gradient_accumulation_steps", "world_size", "ckpt_every_n"):
             if getattr(self, name) < 1:
                 raise PlanError(f"--{name} must be >= 1")
 
@@ -526,19 +527,20 @@ def activation_bytes(arch: Architecture, s: Settings, autocast: bool = True, pef
     b, res = d["c"] if d["ac"] else d["w"], d["res"]
     per_token, constant = layer_activation_bytes(arch, s, autocast, peft_cast)
     one_layer = int(per_token * tokens + constant)
-    if s.grad_ckpt:
-        kept = arch.layers * res * arch.hidden * tokens        # each checkpointed layer's input
+    checkpointed = checkpointed_layers(arch.layers, s)
+    kept = checkpointed * res * arch.hidden * tokens + (arch.layers - checkpointed) * one_layer  # a checkpointed
+    if checkpointed:                                           # layer keeps only its input
         # autocast caches its copy of every trainable fp32 weight (leaf tensors requiring grad) until the forward
         # ends; the other copies die with the discarded saved tensors
+        share = checkpointed / arch.layers
         if d["ac"] and s.method != "full":
-            kept += d["c"] * arch.lora_params
+            kept += share * d["c"] * arch.lora_params
         elif d["ac"] and d["w"] != d["c"]:
-            kept += d["c"] * sum(arch.quantizable)
-    else:
-        kept = arch.layers * one_layer
+            kept += share * d["c"] * sum(arch.quantizable)
     # after the last layer: final norm (+ lm_head input for full FT), labels, the loss, and rope's cos/sin
     # (kept by the layers themselves unless they are checkpointed)
-    rest = (4 * arch.hidden + 4 + 8) * tokens + 4 + (0 if s.grad_ckpt else 2 * s.seq_len * arch.head_dim * res)
+    rest = (4 * arch.hidden + 4 + 8) * tokens + 4 + (0 if checkpointed == arch.layers else
+                                                      2 * s.seq_len * arch.head_dim * res)
     if s.method == "full":
         rest += (res * arch.hidden + b * arch.hidden + 8) * tokens
     if d["ac"] and (s.method == "qlora" or d["w"] != d["c"]):
@@ -552,8 +554,26 @@ def activation_bytes(arch: Architecture, s: Settings, autocast: bool = True, pef
         backward_working += b * max(arch.quantizable)
         traffic += b * sum(arch.quantizable)
     return {"kept": kept + rest, "logits_saved": logits_saved, "logits_peak": logits_peak,
-            "recomputed_layer": one_layer if s.grad_ckpt else 0, "backward_working": backward_working,
+            "recomputed_layer": one_layer if checkpointed else 0, "backward_working": backward_working,
             "forward_traffic": traffic, "per_token_per_layer": per_token}
+
+
+def checkpointed_layers(layers: int, s: Settings) -> int:
+    """How many decoder layers recompute in backward: 0 without checkpointing, else layers 0, n, 2n, ... as
+    transformers' `every_n_layers` picks them."""
+    return -(-layers // s.ckpt_every_n) if s.grad_ckpt else 0
+
+
+def describe_checkpointing(layers: int, s: Settings) -> str:
+    """'gradient checkpointing' or 'gradient checkpointing on 15 of 30 layers (every 2nd)'."""
+    n = s.ckpt_every_n
+    if not s.grad_ckpt or n == 1:
+        return "gradient checkpointing"
+    return f"gradient checkpointing on {checkpointed_layers(layers, s)} of {layers} layers (every {ordinal(n)})"
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _phases(prefix: str, static: int, act: dict, accumulated: int, gradients: int) -> dict:
@@ -730,6 +750,9 @@ def plan(model: str | None = None, settings: Settings | None = None, config=None
 SPEED_LADDER = [
     # (what is added, the settings it changes) in order of what it costs in speed (cheapest first)
     ("nothing", {}),
+    ("gradient checkpointing on every 4th layer", {"grad_ckpt": True, "ckpt_every_n": 4}),
+    ("gradient checkpointing on every 3rd layer", {"grad_ckpt": True, "ckpt_every_n": 3}),
+    ("gradient checkpointing on every 2nd layer", {"grad_ckpt": True, "ckpt_every_n": 2}),
     ("gradient checkpointing", {"grad_ckpt": True}),
     ("8-bit AdamW", {"grad_ckpt": True, "optim": "adamw_bnb_8bit"}),
     ("paged 8-bit AdamW", {"grad_ckpt": True, "optim": "paged_adamw_8bit"}),
@@ -766,6 +789,8 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
             for name in ("grad_ckpt", "optim", "method"):
                 if name in pinned:
                     change[name] = getattr(base, name)
+            if "grad_ckpt" in pinned or base.grad_ckpt:        # checkpointing as asked: on every layer, or off
+                change.pop("ckpt_every_n", None)
             if base.grad_ckpt and change.get("grad_ckpt") is not True:
                 change["grad_ckpt"] = True                     # asked for already: never taken away
             if change["method"] == "qlora" and method == "full":
@@ -784,12 +809,16 @@ def recommend(model: str | None, budget_bytes: int, settings: Settings | None = 
             if s.method not in archs:
                 archs[s.method] = inspect_model(config, s.method, s.lora_r, s.lora_targets, s.lora_dropout, s.use_dora,
                                              s.lora_train_router)
+            layers = archs[s.method].layers
+            if s.grad_ckpt and s.ckpt_every_n > 1 and checkpointed_layers(layers, s) in (
+                    layers, checkpointed_layers(layers, replace(s, ckpt_every_n=s.ckpt_every_n - 1))):
+                break                                          # the same layers as the next entry: try that one
             p = plan(model, s, arch=archs[s.method])
             tried.append({"adds": label, "batch_size": micro, "required_gb": round(p["required_bytes"] / GB, 2)})
             if p["required_bytes"] <= budget_bytes:
                 reason = (f"fastest configuration that fits {budget_bytes / GB:.1f} GiB: {s.method}, micro-batch "
                           f"{micro} x {s.gradient_accumulation_steps} accumulation, "
-                          f"{'gradient checkpointing, ' if s.grad_ckpt else ''}{s.optim}; needs "
+                          f"{describe_checkpointing(archs[s.method].layers, s) + ', ' if s.grad_ckpt else ''}{s.optim}; needs "
                           f"{p['required_bytes'] / GB:.2f} GiB ({p['peak_phase']} is the peak). Adds {label}.")
                 cheaper = {}
                 for t in tried[:-1]:
@@ -876,6 +905,8 @@ def main(argv: list[str] | None = None) -> int:
                          "autocast (TrainingArguments(bf16=True) on an fp32 model); fp16; fp32")
     ap.add_argument("--grad_ckpt", action="store_true", default=d.grad_ckpt,
                     help="gradient checkpointing (non-reentrant)")
+    ap.add_argument("--ckpt_every_n", type=int, default=d.ckpt_every_n,
+                    help="with --grad_ckpt: checkpoint only layers 0, n, 2n, ... (transformers' every_n_layers)")
     ap.add_argument("--world_size", type=int, default=d.world_size)
     ap.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3])
     ap.add_argument("--device", default=d.device, choices=["cuda", "cpu"],
@@ -906,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on import
     s = Settings(method=a.method, lora_r=a.lora_r, lora_targets=a.lora_targets, lora_dropout=a.lora_dropout,
                  use_dora=a.use_dora, lora_train_router=a.lora_train_router, seq_len=a.seq_len, batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
-                 optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, world_size=a.world_size, zero=a.zero,
+                 optim=a.optim, dtype=a.dtype, grad_ckpt=a.grad_ckpt, ckpt_every_n=a.ckpt_every_n, world_size=a.world_size, zero=a.zero,
                  device=a.device, double_quant=not a.no_double_quant, cpu_heap_retention=a.cpu_heap_retention,
                  gradient_check=not a.no_gradient_check, check_autocast=not a.check_outside_autocast,
                  peft_input_cast=a.peft_input_cast, labelled_fraction=a.labelled_fraction)

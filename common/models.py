@@ -191,9 +191,10 @@ LORA_INITS = ("default", "gaussian", "pissa", "olora")
 
 def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout: float | None = None,
                 target_modules: list[str] | str | None = None, quantized: bool = False,
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False, checkpoint_every_n_layers: int = 1):
     """peft LoRA on `target_modules` ('all-linear' or names); returns the PeftModel, ready to train.
-    `r` may be the recipe's LoraOptions (its Config): then every option, the variants included, comes from it."""
+    `r` may be the recipe's LoraOptions (its Config): then every option, the variants included, comes from it.
+    `checkpoint_every_n_layers` n > 1: only decoder layers 0, n, 2n, ... recompute (transformers' every_n_layers)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from common.lora_fast import speed_up_lora
@@ -204,8 +205,9 @@ def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing and (not quantized or checkpoint_every_n_layers > 1):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                            every_n_layers=checkpoint_every_n_layers)
     if isinstance(r, LoraOptions):
         config = r.lora_config(quantized=quantized, loraplus_built=True, moe_resolved=True)
         targets, train_router = r.lora_targets, r.lora_train_router

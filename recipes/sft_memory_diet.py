@@ -118,7 +118,8 @@ def main(cfg: Config, args: TrainingArguments, user_options: set[str] | None = N
     # ---- model: base (bf16/fp32 or 4-bit) + LoRA + input-grad fix ----------------------------------
     run.measure_memory()
     model = load_base_model(model_path, device, precision, cfg.method == "qlora", fast.attn)
-    model = attach_lora(model, cfg, quantized=cfg.method == "qlora", gradient_checkpointing=fast.gradient_checkpointing)
+    model = attach_lora(model, cfg, quantized=cfg.method == "qlora", gradient_checkpointing=fast.gradient_checkpointing,
+                        checkpoint_every_n_layers=fast.checkpoint_every_n_layers)
     lora_modules = checks.check_lora_targets(model, cfg.lora_targets, cfg.lora_train_router)  # MoE: experts, router
     trainable, total = checks.log_parameter_counts(model)
     checks.check_model_device(model, device)

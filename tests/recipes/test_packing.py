@@ -159,13 +159,13 @@ def recipe(tiny_dir, out, *extra, config=None):
     return run(cmd, env={"OMP_NUM_THREADS": "1", **({"CONFIG": str(config)} if config else {})})
 
 
-def planner_gib(tiny_dir, batch, accumulation, grad_ckpt):
+def planner_gib(tiny_dir, batch, accumulation, grad_ckpt, every_n=1):
     from common.memory import GB, Settings, plan
 
     s = Settings(method="lora", lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", seq_len=256,
                  lora_dropout=0.0,  # as recipes/configs/sft_memory_diet.yaml (dropout masks are planned memory)
                  batch_size=batch, gradient_accumulation_steps=accumulation, dtype="fp32", device="cpu",
-                 grad_ckpt=grad_ckpt)
+                 grad_ckpt=grad_ckpt, ckpt_every_n=every_n)
     return plan(str(tiny_dir), s)["required_bytes"] / GB
 
 
@@ -216,6 +216,24 @@ def test_recipe_padded_length_grouped_with_a_budget_that_needs_checkpointing(tin
     # a budget the plan nearly fills: glibc's defaults (which the plan models), not the fragmenting warm heap
     assert m["allocator_tuned"] is False and "allocator: glibc's defaults kept" in proc.stderr
     assert "glibc keeps freed memory" not in proc.stderr
+
+
+def test_recipe_checkpoints_half_the_layers_when_that_fits(tiny_dir, tmp_path):
+    """The tiny model's 2 layers: every 2nd layer checkpointed (layer 0) fits a budget that no checkpointing
+    does not; the run trains with transformers' every_n_layers and records it in its plan."""
+    without, half, full = (planner_gib(tiny_dir, 4, 4, ckpt, n) for ckpt, n in ((False, 1), (True, 2), (True, 1)))
+    assert full < half < without
+    budget = (half + without) / 2
+    proc = recipe(tiny_dir, tmp_path / "half", "--memory_budget_gb", f"{budget:.6f}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / "half" / "metrics.json").read_text())
+    plan = m["memory_plan"]
+    assert m["gradient_checkpointing"] is True and plan["checkpoint_every_n_layers"] == 2
+    assert "Adds gradient checkpointing on every 2nd layer" in plan["reason"]
+    assert "gradient checkpointing on 1 of 2 layers (every 2nd)" in plan["reason"]
+    assert "gradient checkpointing on every 2nd layer, micro-batch 4 x 4" in proc.stderr
+    assert plan["required_gb"] == pytest.approx(half, abs=0.01)
+    assert m["eval_loss_after"] < m["eval_loss_before"]
 
 
 def test_recipe_nothing_fits_exits_before_the_model_loads(tiny_dir, tmp_path):

@@ -2,6 +2,7 @@
 the activation model against what autograd really saves, ZeRO sharding, and the recommendation."""
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,8 @@ def small_model_dir(tmp_path_factory):
     ("lora", "all-linear", 0.05, "bf16", False, True, False),  # a gradient check outside autocast
     ("lora", "q_proj,v_proj", 0.0, "bf16", True, True, False),
     ("lora", "q_proj,v_proj", 0.0, "bf16", False, True, True),
+    ("lora", "all-linear", 0.0, "bf16", False, True, 2),         # layer 0 recomputes, layer 1 keeps its activations
+    ("lora", "q_proj,v_proj", 0.05, "bf16", False, True, 2),
     ("lora", "all-linear", 0.0, "mixed", True, False, False),  # fp32 base under bf16 autocast
     ("qlora", "all-linear", 0.05, "bf16", True, True, False),
     ("qlora", "q_proj,v_proj", 0.0, "bf16", False, True, False),
@@ -196,20 +199,25 @@ def test_activation_model_matches_saved_tensors(small_model_dir, method, targets
 
     from common.models import attach_lora, load_base_model
 
+    every_n = grad_ckpt if type(grad_ckpt) is int else 1  # an int: checkpoint every n-th layer only
+    grad_ckpt = bool(grad_ckpt)
     model = load_base_model(small_model_dir, torch.device("cpu"), "fp32" if dtype == "mixed" else dtype,
                             method == "qlora", "sdpa")
     if method == "full" and grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif method != "full":
         model = attach_lora(model, 16, 32, dropout, "all-linear" if targets == "all-linear" else targets.split(","),
-                            quantized=method == "qlora", gradient_checkpointing=grad_ckpt)
+                            quantized=method == "qlora", gradient_checkpointing=grad_ckpt,
+                            checkpoint_every_n_layers=every_n)
     model.train()
+    layers = model.get_base_model().model.layers if method != "full" else model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [grad_ckpt, grad_ckpt and every_n == 1]
     ids = torch.randint(0, 1000, (2, 64))
     with disable_input_dtype_casting(model, active=method != "full" and not peft_cast):
         measured = _saved_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
                                 autocast)
     s = Settings(method=method, lora_r=16, lora_targets=targets or "all-linear", lora_dropout=dropout, seq_len=64,
-                 batch_size=2, dtype=dtype, grad_ckpt=grad_ckpt, device="cpu")
+                 batch_size=2, dtype=dtype, grad_ckpt=grad_ckpt, ckpt_every_n=every_n, device="cpu")
     arch = inspect_model(load_config(small_model_dir), method, 16, s.lora_targets, dropout)
     act = memory.activation_bytes(arch, s, autocast=autocast, peft_cast=peft_cast)
     assert act["kept"] + act["logits_saved"] == measured
@@ -272,6 +280,30 @@ def test_recommend_picks_the_fastest_fitting_config_and_refuses_when_nothing_fit
     pinned = recommend(LLAMA31, 24 * GIB, base, pinned=("batch_size",))
     assert pinned["fits"] and pinned["settings"]["batch_size"] == 4 and pinned["settings"]["method"] == "qlora"
     assert not recommend(LLAMA31, 24 * GIB, base, pinned=("batch_size", "method"))["fits"]
+
+
+def test_recommend_checkpoints_only_as_many_layers_as_the_budget_needs():
+    """Between 'nothing' and full checkpointing: every 4th, 3rd, 2nd layer (transformers' every_n_layers)."""
+    base = Settings(method="lora", lora_targets="all-linear", seq_len=1024, batch_size=4, gradient_accumulation_steps=1,
+                    device="cpu", dtype="bf16")
+    need = {n: plan(LLAMA31, replace(base, grad_ckpt=n > 0, ckpt_every_n=max(n, 1)))["required_bytes"]
+            for n in (0, 4, 3, 2, 1)}
+    assert need[0] > need[4] > need[3] > need[2] > need[1]  # each step recomputes more layers and keeps less
+    arch = inspect_model(load_config(LLAMA31), "lora")
+    assert [memory.checkpointed_layers(32, replace(base, grad_ckpt=True, ckpt_every_n=n)) for n in (1, 2, 3, 4)] == \
+        [32, 16, 11, 8] and arch.layers == 32
+    for n in (4, 3, 2):  # a budget just above every-n-th's need picks exactly that, keeping the micro-batch of 4
+        rec = recommend(LLAMA31, need[n] + 1, base, pinned=("batch_size",))
+        assert rec["fits"] and rec["settings"]["grad_ckpt"] and rec["settings"]["ckpt_every_n"] == n, rec["reason"]
+        suffix = {2: "nd", 3: "rd", 4: "th"}[n]
+        assert f"gradient checkpointing on {-(-32 // n)} of 32 layers (every {n}{suffix})" in rec["reason"]
+    full = recommend(LLAMA31, need[1] + 1, base, pinned=("batch_size",))
+    assert full["settings"]["ckpt_every_n"] == 1 and "Adds gradient checkpointing." in full["reason"]
+    # checkpointing the user asked for (pinned, or already on) is all layers, never a partial one
+    asked = recommend(LLAMA31, need[4] + 1, replace(base, grad_ckpt=True), pinned=("batch_size", "grad_ckpt"))
+    assert asked["settings"]["grad_ckpt"] and asked["settings"]["ckpt_every_n"] == 1
+    on = recommend(LLAMA31, need[4] + 1, replace(base, grad_ckpt=True), pinned=("batch_size",))
+    assert on["settings"]["ckpt_every_n"] == 1
 
 
 def test_recommend_cli(capsys):
