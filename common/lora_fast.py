@@ -11,11 +11,11 @@ other call is peft's own forward. Under autocast peft's cast of the input to the
 (autocast casts it straight back for the matmul, so the result is bit-identical, CHRONICLES 50).
 
 **The dropout mask.** peft puts an `nn.Dropout` in front of every adapter (`lora_dropout`). On CPU its mask comes from
-`bernoulli_`, one Mersenne-Twister draw per element: 5.4 ms for one [1272 x 576] activation on this repo's
-2-core CPU, against 0.7 ms for the multiply that applies it; with 7 adapted projections in 30 layers that was
+`bernoulli_`, one Mersenne-Twister draw per element: 3.7-5.4 ms for one [1272 x 576] activation on this repo's
+2-core CPU, against 0.4-0.7 ms for the multiply that applies it; with 7 adapted projections in 30 layers that was
 about a third of SmolLM2-135M's LoRA step (CHRONICLES 99). `CpuDropout` draws one 64-bit number per four
 elements instead and compares each 16-bit quarter with a threshold: the same Bernoulli mask in distribution,
-four times fewer draws (1.0 ms), still from torch's seeded default generator, so a run stays reproducible.
+four times fewer draws (1.0 ms; `python -m common.lora_fast` prints these three), still from torch's seeded default generator, so a run stays reproducible.
 The drop probability is rounded to a multiple of 1/65536 (0.05 becomes 0.0500031).
 
 On CUDA (Philox, fast), in eval mode or at p = 0 it is plain `nn.Dropout`. `use_cpu_dropout(model)` swaps it
@@ -23,6 +23,8 @@ into every LoRA layer of a peft model; nothing is saved with it (dropout has no 
 its config are those peft writes.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +50,7 @@ class _MaskedScale(torch.autograd.Function):
 
 def keep_mask(shape, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A bool tensor of `shape`, each element True with probability 1 - round(p * 65536) / 65536."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     draws = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
     quarters = draws.view(torch.int16)[:numel]  # four independent uniform 16-bit values per draw
     threshold = -(LEVELS // 2) + round(p * LEVELS)  # int16 runs from -32768: P(value < threshold) = dropped share
@@ -64,7 +64,7 @@ class CpuDropout(nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         if self.p >= 1:
-            return torch.zeros_like(x)
+            return x.mul(0)  # all dropped, still in the graph (as nn.Dropout)
         return _MaskedScale.apply(x, keep_mask(x.shape, self.p), 1.0 / (1.0 - self.p))
 
 
@@ -138,7 +138,12 @@ def _time_layers(tokens: int = 1272, repeats: int = 10) -> None:
             fn()
         return 1000 * (time.perf_counter() - start) / repeats
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {tokens} tokens, bf16: ms per forward+backward")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {tokens} tokens, bf16")
+    activation = torch.randn(tokens, 576, dtype=torch.bfloat16)
+    mask = keep_mask(activation.shape, 0.05)
+    print(f"one [{tokens} x 576] mask, ms: bernoulli_ {ms(lambda: torch.empty_like(activation).bernoulli_(0.95)):.2f}  "
+          f"keep_mask {ms(lambda: keep_mask(activation.shape, 0.05)):.2f}  applying it {ms(lambda: activation * mask):.2f}")
+    print("ms per forward+backward:")
     for width, out in ((576, 1536), (1536, 576)):
         x = torch.randn(1, tokens, width, dtype=torch.bfloat16, requires_grad=True)
         x_drop = x.detach().reshape(tokens, width).requires_grad_()

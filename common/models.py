@@ -200,12 +200,9 @@ def attach_lora(model, r: "int | LoraOptions", alpha: int | None = None, dropout
     from common.lora_fast import speed_up_lora
     from common.moe import apply_lora_targets
 
-    if quantized:
-        # casts norms/head to fp32 for stability and turns on checkpointing (non-reentrant) if asked
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    if gradient_checkpointing and (not quantized or checkpoint_every_n_layers > 1):
+    if quantized:  # casts norms/head to fp32 for stability; its checkpointing (non-reentrant) is the call below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
                                             every_n_layers=checkpoint_every_n_layers)
     if isinstance(r, LoraOptions):

@@ -189,6 +189,7 @@ def small_model_dir(tmp_path_factory):
     ("lora", "all-linear", 0.0, "mixed", True, False, False),  # fp32 base under bf16 autocast
     ("qlora", "all-linear", 0.05, "bf16", True, True, False),
     ("qlora", "q_proj,v_proj", 0.0, "bf16", False, True, False),
+    ("qlora", "q_proj,v_proj", 0.0, "bf16", False, True, True),  # attach_lora's checkpointing after kbit prep
     ("full", None, 0.0, "bf16", True, False, False),           # pure bf16
     ("full", None, 0.0, "mixed", True, False, False),          # fp32 master weights + bf16 autocast
     ("full", None, 0.0, "fp32", False, False, False),
